@@ -1,0 +1,303 @@
+"""`drgs4d`: the command line. Only this module prints; the engine emits events and logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import DRGSInputError
+
+log = logging.getLogger("drgs4d")
+
+
+# ---- rendering of events and tables -------------------------------------------------------------
+class ProgressPrinter:
+    """Turns pipeline events into a tqdm progress bar over training iterations and stage lines."""
+
+    def __init__(self, label: str = "", quiet: bool = False):
+        self.label, self.quiet, self.bar, self.stage = label, quiet, None, None
+
+    def __call__(self, e: dict) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        kind = e.get("event")
+        if kind == "progress" and e.get("stage") == "train":
+            if self.bar is None:
+                self.bar = tqdm(total=e["iterations"], desc=f"{self.label}train", unit="it", dynamic_ncols=True,
+                                file=sys.stderr)
+            self.bar.n = e["iteration"]
+            self.bar.set_postfix(loss=f"{e['loss']:.4g}", gaussians=e["n_gaussians"], refresh=False)
+            self.bar.refresh()
+        elif kind == "progress" and e.get("stage") != self.stage:
+            self.stage = e.get("stage")
+            self._close()
+            tqdm.write(f"{self.label}{self.stage} ... ({e.get('elapsed_s', 0.0):.1f} s)", file=sys.stderr)
+        elif kind == "snapshot":
+            tqdm.write(f"{self.label}snapshot at iteration {e['iteration']}: {e['volume']}", file=sys.stderr)
+        elif kind in ("done", "cancelled"):
+            self._close()
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows of dicts -> an aligned text table; columns = (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            line.append("-" if v is None else (format(v, fmt) if not isinstance(v, str) else v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    out = []
+    for n, c in enumerate(cells):
+        out.append("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))))
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+SUMMARY_COLUMNS = [("method", "method", ""), ("cd_mm", "CD mm", ".2f"), ("hd95_mm", "HD95 mm", ".2f"),
+                   ("best_dice", "best Dice", ".3f"), ("heldout_psnr", "held-out PSNR", ".2f"),
+                   ("heldout_ssim", "held-out SSIM", ".3f"), ("time_s", "time s", ".1f")]
+
+
+# ---- subcommands ----------------------------------------------------------------------------------
+def cmd_phantom(a) -> int:
+    from .phantom import make_phantom, write_phantom
+    from .phantom.presets import preset
+
+    t0 = time.perf_counter()
+    over = {"seed": a.seed, "static": a.static}
+    if a.no_noise:
+        over["noise"] = False
+    if a.frames:
+        over["n_frames"] = a.frames
+    if a.detector:
+        over["detector_shape"] = (a.detector, a.detector)
+    if a.volume:
+        base = preset(a.preset)
+        box = base.volume_resolution[0] * base.volume_spacing[0]
+        over["volume_resolution"] = (a.volume,) * 3
+        over["volume_spacing"] = (box / a.volume,) * 3
+    cfg = preset(a.preset, **over)
+    ph = make_phantom(cfg)
+    write_phantom(ph, a.out)
+    case = ph.case
+    print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "
+          f"{case.geometry.height}x{case.geometry.width}, volume {case.grid.resolution}, truth in {a.out}/truth")
+    return 0
+
+
+def cmd_fdk(a) -> int:
+    import numpy as np
+    import torch
+
+    from .ct import fdk
+    from .geometry import view_indices
+    from .io import read_case, write_volume
+    from .metrics import robust_iso_level
+    from .model.serialize import save_json
+    from .pipeline import resolve_device
+
+    device = resolve_device(a.device)
+    t0 = time.perf_counter()
+    case = read_case(a.case)
+    idx = view_indices(case.n_frames, a.views)
+    proj = torch.as_tensor(case.dsa[idx], device=device)
+    t1 = time.perf_counter()
+    vol = fdk(proj, case.geometry.subset(idx), case.grid).clamp_min(0).cpu().numpy()
+    t_fdk = time.perf_counter() - t1
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_volume(out / "volume.nii.gz", vol, case.grid)
+    level = float(a.iso_level) if a.iso_level is not None else float(robust_iso_level(vol))
+    metrics = {"method": "FDK", "views": int(a.views), "fdk_s": t_fdk, "total_s": time.perf_counter() - t0,
+               "iso_level": level, "device": str(device)}
+    truth = Path(a.case) / "truth"
+    if (truth / "volume.nii.gz").exists():
+        from .evaluate import evaluate_volume
+
+        metrics["truth"] = evaluate_volume(vol, case.grid, level, truth)
+    save_json(out / "metrics.json", metrics)
+    row = {"method": "FDK", "time_s": t_fdk, **metrics.get("truth", {})}
+    print(format_table([row], SUMMARY_COLUMNS))
+    print(f"volume: {out / 'volume.nii.gz'}  metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_against_truth, evaluate_reference_mesh
+    from .io import read_case, read_mesh
+    from .model.serialize import save_json
+
+    run = Path(a.run)
+    mpath = run / "metrics.json"
+    metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+    if a.truth:
+        metrics["truth"] = evaluate_against_truth(run, a.truth, a.iso_level)
+    elif a.reference_mesh:
+        if not a.case:
+            raise DRGSInputError("--reference-mesh needs --case", "no case folder", "the case the mesh belongs to",
+                                 "pass --case CASE so that voxel index units can be converted to mm")
+        grid = read_case(a.case).grid
+        verts, _ = read_mesh(run / "mesh.stl")
+        metrics["reference"] = evaluate_reference_mesh(verts, a.reference_mesh, grid, icp=not a.no_icp)
+    else:
+        raise DRGSInputError("nothing to evaluate against", "neither --truth nor --reference-mesh",
+                             "one of them", "pass --truth PHANTOM/truth or --reference-mesh mesh_ref.obj --case CASE")
+    save_json(mpath, metrics)
+    row = {"method": run.name, "time_s": metrics.get("total_s"), "heldout_psnr": metrics.get("heldout_psnr"),
+           "heldout_ssim": metrics.get("heldout_ssim"), **metrics.get("truth", metrics.get("reference", {}))}
+    print(format_table([row], SUMMARY_COLUMNS))
+    print(f"metrics: {mpath}")
+    return 0
+
+
+def _reconstruct_config(a):
+    from .pipeline import ReconstructConfig
+
+    keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
+            "n_gaussians", "init_threshold", "log2_table_size", "static_field", "iso_level", "times_4d",
+            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until"]
+    d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+    if "init_threshold" in d and d["init_threshold"] != "auto":
+        d["init_threshold"] = float(d["init_threshold"])
+    return ReconstructConfig.from_dict(d)
+
+
+def cmd_reconstruct(a) -> int:
+    import signal
+    import threading
+
+    from .pipeline import run_reconstruction
+
+    cfg = _reconstruct_config(a)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        result = run_reconstruction(cfg, on_event=ProgressPrinter(quiet=a.quiet), should_stop=stop.is_set)
+    except KeyboardInterrupt:
+        print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if result["status"] == "cancelled":
+        print(f"stopped; checkpoint kept at {result['outputs']['checkpoint']} (continue with --resume)")
+        return 3
+    m = result["metrics"]
+    row = {"method": "4DRGS-static" if cfg.static_field else "4DRGS", "time_s": m["total_s"],
+           "heldout_psnr": m["heldout_psnr"], "heldout_ssim": m["heldout_ssim"], **m.get("truth", {})}
+    print(format_table([row], SUMMARY_COLUMNS))
+    print(f"{m['n_gaussians']} Gaussians, {m['it_per_s']:.1f} it/s, FDK {m['fdk_s']:.2f} s, device {m['device']} "
+          f"({m['backend']} backend); outputs in {cfg.out}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    rows, figure = run_demo(Path(a.out), device=a.device, views=a.views, seed=a.seed, quiet=a.quiet,
+                            iterations=a.iterations)
+    print(format_table(rows, SUMMARY_COLUMNS))
+    print(f"figure: {figure}\nresults: {a.out}")
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="drgs4d", description="Sparse-view 3D/4D vessel reconstruction from rotational "
+                                "DSA with 4D radiative Gaussian splatting (4DRGS).")
+    p.add_argument("--version", action="version", version=f"drgs4d {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("phantom", help="write a synthetic DSA phantom case folder with ground truth")
+    s.add_argument("out", help="output case folder")
+    s.add_argument("--preset", default="demo", choices=["demo", "paper", "paper1024"], help="problem size (default demo)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the vessel tree and noise")
+    s.add_argument("--static", action="store_true", help="no contrast flow (vessels always filled)")
+    s.add_argument("--no-noise", action="store_true", help="noise-free runs (default: Poisson noise)")
+    s.add_argument("--frames", type=int, help="number of frames (default from the preset)")
+    s.add_argument("--detector", type=int, help="detector size in pixels (square; default from the preset)")
+    s.add_argument("--volume", type=int, help="volume size in voxels (cubic; default from the preset)")
+    s.set_defaults(func=cmd_phantom)
+
+    s = sub.add_parser("fdk", help="classical FDK reconstruction from a subset of views")
+    s.add_argument("case", help="case folder (fill_run, mask_run, transforms.json)")
+    s.add_argument("--views", type=int, default=30, help="number of evenly spaced views (default 30)")
+    s.add_argument("--out", required=True, help="output folder (volume.nii.gz, metrics.json)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--iso-level", type=float, help="iso-level for the evaluation surface (default: robust automatic)")
+    s.set_defaults(func=cmd_fdk)
+
+    s = sub.add_parser("evaluate", help="evaluate a result folder against ground truth or a reference mesh")
+    s.add_argument("run", help="a result folder of `reconstruct` (volume.nii.gz, mesh.stl)")
+    s.add_argument("--truth", help="a phantom truth/ folder")
+    s.add_argument("--reference-mesh", help="a scanner reference mesh (e.g. mesh_ref.obj, voxel index units)")
+    s.add_argument("--case", help="the case folder the reference mesh belongs to")
+    s.add_argument("--no-icp", action="store_true", help="do not ICP-align the reference mesh")
+    s.add_argument("--iso-level", type=float, help="iso-level used for Dice (default: the run's)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("reconstruct", help="4DRGS reconstruction of a case")
+    s.add_argument("case", nargs="?", help="case folder; or give --fill, --mask and --geometry")
+    s.add_argument("--fill", help="fill run (NIfTI/NRRD)")
+    s.add_argument("--mask", help="mask run (NIfTI/NRRD)")
+    s.add_argument("--geometry", help="geometry JSON in the transforms.json format")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--views", type=int, default=30, help="number of training views (default 30)")
+    s.add_argument("--schedule", default="fast", choices=["fast", "full"], help="fast: 10k iterations, full: 30k")
+    s.add_argument("--iterations", type=int, help="override the schedule's iteration count")
+    s.add_argument("--densify-until", type=int, help="override the end of density control")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", choices=["demo", "tiny"], help="small sizes for CPU runs")
+    s.add_argument("--n-gaussians", type=int, help="initial Gaussians drawn from the FDK (default 30000)")
+    s.add_argument("--init-threshold", help="FDK threshold for initialisation: 'auto' or a value in 1/mm")
+    s.add_argument("--log2-table-size", type=int, help="hash table size per level, log2 (default 19)")
+    s.add_argument("--static-field", action="store_true", help="ablation: static per-Gaussian attenuation")
+    s.add_argument("--iso-level", type=float, help="marching-cubes level (default: robust automatic)")
+    s.add_argument("--times-4d", type=int, help="time points in volume_4d.seq.nrrd (default 8)")
+    s.add_argument("--cine-frame", type=int, help="frame whose view is used for the fixed-view cine (default 0)")
+    s.add_argument("--snapshot-every", type=int, help="write a preview volume and mesh every N iterations")
+    s.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 1000)")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("demo", help="phantom -> FDK -> static field -> 4DRGS -> evaluation table and figure")
+    s.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    s.add_argument("--views", type=int, default=30, help="training views (default 30)")
+    s.add_argument("--iterations", type=int, help="training iterations (default: the demo preset)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except DRGSInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

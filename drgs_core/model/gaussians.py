@@ -1,0 +1,140 @@
+"""Radiative Gaussians with a static geometry and a time-varying central attenuation (METHOD §4).
+
+Positions are world mm; scales are standard deviations in mm after the bounded activation
+s = (s_max - s_min) * sigmoid(raw) + s_min with s_min = 0.1 d, s_max = 10 d (d = smallest voxel spacing);
+rotations are quaternions (w, x, y, z); attenuation rho_i(t) is in 1/mm.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import nn
+
+from ..errors import DRGSInputError
+from ..geometry import VolumeGrid
+from .field import AttenuationField
+
+log = logging.getLogger(__name__)
+
+# Per-Gaussian parameters, in the order used by density control and checkpoints.
+PARAM_NAMES = ("means", "scales_raw", "rotations", "rho_raw")
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.clamp(1e-4, 1 - 1e-4)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class GaussianModel(nn.Module):
+    """N Gaussians plus the attenuation field D(p_hat, t) (or a static per-Gaussian attenuation).
+
+    means [P,3] mm, scales_raw [P,3], rotations [P,4], rho_raw [P] (used only when `static`).
+    """
+
+    def __init__(self, grid: VolumeGrid, n: int = 0, static: bool = False, log2_table_size: int = 19):
+        super().__init__()
+        self.grid = grid
+        self.static = static
+        self.log2_table_size = log2_table_size
+        self.s_min = 0.1 * grid.min_spacing
+        self.s_max = 10.0 * grid.min_spacing
+        self.means = nn.Parameter(torch.zeros(n, 3))
+        self.scales_raw = nn.Parameter(torch.zeros(n, 3))
+        self.rotations = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(n, 1))
+        self.rho_raw = nn.Parameter(torch.zeros(n))
+        self.field = None if static else AttenuationField(log2_table_size=log2_table_size)
+
+    # ---- activations ---------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return int(self.means.shape[0])
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """Standard deviations [P,3] in mm."""
+        return (self.s_max - self.s_min) * torch.sigmoid(self.scales_raw) + self.s_min
+
+    def scales_to_raw(self, scales: torch.Tensor) -> torch.Tensor:
+        return _logit((scales - self.s_min) / (self.s_max - self.s_min))
+
+    def normalised_positions(self) -> torch.Tensor:
+        # The field is queried at the detached centre: positions learn from the rendering only,
+        # which keeps the noisy hash-grid spatial gradient out of the geometry.
+        return self.grid.normalise(self.means.detach()).clamp(0.0, 1.0)
+
+    def rho(self, t) -> torch.Tensor:
+        """Central attenuation [P] (1/mm) at normalised time t (float or tensor [P])."""
+        if self.static:
+            return torch.relu(self.rho_raw)
+        return self.field(self.normalised_positions(), t)
+
+    @torch.no_grad()
+    def mean_rho(self, times, chunk: int = 16) -> torch.Tensor:
+        """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7)."""
+        if self.static:
+            return torch.relu(self.rho_raw).detach()
+        acc = torch.zeros(self.n, device=self.means.device)
+        for t in times:
+            acc += self.rho(float(t))
+        return acc / max(len(times), 1)
+
+    # ---- initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_volume(self, volume: torch.Tensor, n_points: int, threshold="auto", seed: int = 0,
+                         rel_threshold: float = 0.15) -> dict:
+        """Initialise from an FDK volume [nx,ny,nz] (1/mm, clipped >= 0) of this model's grid.
+
+        threshold: "auto" = rel_threshold x the 99.9th percentile of the positive voxels (works on any
+        intensity scale), or an absolute value (the reference uses 0.016 on its data).
+        Returns a summary dict (threshold used, candidates, chosen).
+        """
+        vol = torch.as_tensor(volume, dtype=torch.float32).cpu().clamp_min(0)
+        if tuple(vol.shape) != self.grid.resolution:
+            raise ValueError(f"volume shape {tuple(vol.shape)} != grid {self.grid.resolution}")
+        if threshold == "auto":
+            pos = vol[vol > 0]
+            if pos.numel() == 0:
+                raise DRGSInputError("the FDK initialisation volume is empty (all voxels <= 0)",
+                                     "no positive attenuation", "vessels visible in the DSA",
+                                     "check that the fill and mask runs are not swapped and contain contrast")
+            k = max(1, int(0.999 * pos.numel()))
+            thr = float(rel_threshold * pos.kthvalue(k).values)
+        else:
+            thr = float(threshold)
+        cand = torch.nonzero(vol > thr)
+        if cand.shape[0] == 0:
+            raise DRGSInputError("no FDK voxel is above the initialisation threshold", f"threshold {thr:g}",
+                                 f"some voxels above it (max is {float(vol.max()):g})",
+                                 "lower --init-threshold or use 'auto'")
+        gen = torch.Generator().manual_seed(seed)
+        if cand.shape[0] > n_points:
+            cand = cand[torch.randperm(cand.shape[0], generator=gen)[:n_points]]
+        centres = self.grid.index_to_world(cand.to(torch.float64)).float()
+        values = vol[cand[:, 0], cand[:, 1], cand[:, 2]]
+
+        # Scale: root mean squared distance to the 3 nearest neighbours.
+        pts = centres.numpy()
+        kk = min(4, len(pts))
+        if kk > 1:
+            d, _ = cKDTree(pts).query(pts, k=kk)
+            s = np.sqrt(np.mean(d[:, 1:] ** 2, axis=1))
+        else:
+            s = np.full(len(pts), self.grid.min_spacing)
+        s = torch.as_tensor(s, dtype=torch.float32).clamp(self.s_min * 1.01, self.s_max * 0.99)
+        dev = self.means.device
+        n = centres.shape[0]
+        self.means = nn.Parameter(centres.to(dev))
+        self.scales_raw = nn.Parameter(self.scales_to_raw(s[:, None].repeat(1, 3)).to(dev))
+        self.rotations = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(n, 1).to(dev))
+        self.rho_raw = nn.Parameter(values.to(dev))
+        return {"threshold": thr, "candidates": int((vol > thr).sum()), "n_gaussians": n}
+
+    # ---- serialisation -----------------------------------------------------------------
+    def resize_like(self, state: dict) -> None:
+        """Give the per-Gaussian parameters the sizes found in a state dict (before load_state_dict)."""
+        for name in PARAM_NAMES:
+            setattr(self, name, nn.Parameter(torch.empty_like(state[name]).to(self.means.device)))

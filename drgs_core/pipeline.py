@@ -1,0 +1,345 @@
+"""load -> FDK init -> train -> voxelise -> mesh -> export: what the CLI and the Slicer worker call.
+
+All outputs are in the world frame (DICOM LPS mm) and written atomically into `out`:
+volume.nii.gz, mesh.stl, mesh.vtk, segmentation.nii.gz, volume_4d.seq.nrrd, renders.nii.gz, cine.nii.gz,
+gaussians.ply, model.pt, config.json, metrics.json, checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .ct import fdk
+from .errors import DRGSInputError
+from .geometry import held_out_indices, view_indices
+from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
+                 write_volume)
+from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level
+from .model.gaussians import GaussianModel
+from .model.serialize import save_json, save_model, write_gaussians_ply
+from .render import active_backend, rasterize, voxelize
+from .train import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+# Problem sizes for machines without a GPU; values the user sets explicitly win.
+PRESETS = {
+    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19},
+    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15},
+    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12},
+}
+
+
+@dataclass
+class ReconstructConfig:
+    """One reconstruction run. Give either `case` (a case folder) or `fill` + `mask` + `geometry` files."""
+
+    out: str
+    case: str | None = None
+    fill: str | None = None
+    mask: str | None = None
+    geometry: str | None = None
+    views: int = 30
+    schedule: str = "fast"
+    iterations: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    preset: str | None = None
+    n_gaussians: int | None = None
+    init_threshold: str | float = "auto"
+    log2_table_size: int | None = None
+    static_field: bool = False
+    iso_level: float | None = None
+    times_4d: int = 8
+    cine_frame: int = 0
+    snapshot_every: int = 0
+    checkpoint_every: int = 1000
+    progress_every: int = 50
+    resume: bool = False
+    densify_until: int | None = None
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise DRGSInputError("unknown preset", repr(self.preset), "none, 'demo' or 'tiny'")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.case is None and not (self.fill and self.mask and self.geometry):
+            raise DRGSInputError("no input given", "neither a case folder nor fill + mask + geometry files",
+                                 "a case folder, or all three of fill, mask and geometry",
+                                 "pass CASE (a folder with fill_run, mask_run and transforms.json) or "
+                                 "--fill/--mask/--geometry")
+        if self.schedule not in ("fast", "full"):
+            raise DRGSInputError("unknown schedule", repr(self.schedule), "'fast' or 'full'")
+        if int(self.views) < 1:
+            raise DRGSInputError("views must be at least 1", str(self.views), ">= 1")
+        if self.times_4d < 1:
+            raise DRGSInputError("times_4d must be at least 1", str(self.times_4d), ">= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReconstructConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DRGSInputError("unknown configuration keys", ", ".join(unknown),
+                                 "keys among " + ", ".join(sorted(names)))
+        if "out" not in d:
+            raise DRGSInputError("the configuration has no 'out' folder", "", "out: a folder for the results")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(schedule=self.schedule, iterations=self.iterations, densify_until=self.densify_until,
+                           seed=self.seed, checkpoint_every=self.checkpoint_every,
+                           snapshot_every=self.snapshot_every, progress_every=self.progress_every)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DRGSInputError("CUDA was requested but is not available", f"device={name!r}",
+                                 "a CUDA build of PyTorch and an NVIDIA GPU", "use --device cpu or auto")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DRGSInputError("no such GPU", name, f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    if name == "cpu":
+        return torch.device("cpu")
+    raise DRGSInputError("unknown device", repr(name), "auto, cpu, cuda or cuda:N")
+
+
+def load_case(cfg: ReconstructConfig):
+    if cfg.case is not None:
+        return read_case(cfg.case)
+    return read_runs(cfg.fill, cfg.mask, cfg.geometry)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def calibrate_initial_attenuation(model: GaussianModel, fdk_volume: torch.Tensor) -> torch.Tensor:
+    """Per-Gaussian initial attenuation so that the voxelised initial model reproduces the FDK volume.
+
+    Overlapping Gaussians add up, so rho_i = FDK(mu_i) would overshoot; a single least-squares factor k
+    between the FDK values at the centres and the voxelised sum there fixes the scale. Returns k * FDK(mu_i).
+    """
+    f = model.rho_raw.detach().clamp_min(0)
+    vol = voxelize(model.means, model.scales, model.rotations, f, model.grid)
+    idx = model.grid.world_to_index(model.means.detach())
+    res = torch.tensor(model.grid.resolution, device=idx.device, dtype=idx.dtype)
+    g = (2 * idx / (res - 1).clamp_min(1) - 1).flip(-1)  # grid_sample wants (z, y, x) order in [-1, 1]
+    v = F.grid_sample(vol[None, None], g[None, None, None], align_corners=True)[0, 0, 0, 0]
+    k = float((f * v).sum() / (v * v).sum().clamp_min(1e-20))
+    return f * k
+
+
+class _Timer:
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                _sync(timer.device)
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(timer.device)
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Ctx()
+
+
+@torch.no_grad()
+def render_frames(model: GaussianModel, geometry, frames, times, device) -> np.ndarray:
+    """DSA [n, H, W] rendered with the camera of each frame index at the matching time."""
+    out = []
+    for k, t in zip(frames, times):
+        cam = geometry.camera(int(k), device=device)
+        out.append(rasterize(model.means, model.scales, model.rotations, model.rho(float(t)), cam).image)
+    return torch.stack(out).cpu().numpy()
+
+
+@torch.no_grad()
+def mean_volume(model: GaussianModel, times) -> torch.Tensor:
+    """Time-averaged vessel volume [nx, ny, nz] (1/mm), METHOD §7."""
+    return voxelize(model.means, model.scales, model.rotations, model.mean_rho(times), model.grid)
+
+
+def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run the whole reconstruction; returns {"status", "outputs": {name: path}, "metrics": {...}}."""
+    emit = on_event or (lambda e: None)
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    timer = _Timer(device)
+
+    emit({"event": "progress", "stage": "load", "iteration": 0, "iterations": 0, "elapsed_s": 0.0})
+    with timer("load"):
+        case = load_case(cfg)
+    n = case.n_frames
+    if cfg.views > n:
+        raise DRGSInputError("more training views requested than frames", f"views={cfg.views}",
+                             f"at most {n} (the number of frames in the run)", f"pass --views {n} or fewer")
+    if not 0 <= cfg.cine_frame < n:
+        raise DRGSInputError("cine_frame is out of range", str(cfg.cine_frame), f"0..{n - 1}")
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg = cfg.train_config()
+    train_idx = view_indices(n, cfg.views)
+    held_idx = held_out_indices(n, train_idx)
+    save_json(out / "config.json", {"drgs4d_version": __version__, "reconstruct": cfg.to_dict(),
+                                    "train": asdict(tcfg), "train_frames": train_idx.tolist()})
+    emit({"event": "started", "run_dir": str(out.resolve()), "n_frames": n, "views": int(cfg.views),
+          "iterations": tcfg.iterations, "device": str(device), "backend": active_backend(device)})
+
+    geometry, grid = case.geometry, case.grid
+    dsa_train = torch.as_tensor(case.dsa[train_idx], device=device)
+    emit({"event": "progress", "stage": "fdk", "iteration": 0, "iterations": tcfg.iterations,
+          "elapsed_s": time.perf_counter() - t_start})
+    with timer("fdk"):
+        fdk_vol = fdk(dsa_train, geometry.subset(train_idx), grid).clamp_min(0)
+
+    checkpoint = out / "checkpoint.pt"
+    resuming = cfg.resume and checkpoint.exists()
+    with timer("init"):
+        model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size).to(device)
+        init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
+        if not resuming:
+            target = calibrate_initial_attenuation(model, fdk_vol)
+            if model.static:
+                model.rho_raw.data.copy_(target)
+            else:
+                gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+                t_rand = torch.rand(model.n, generator=gen).to(device)
+                model.field.fit_to(model.normalised_positions(), t_rand, target, steps=200, lr=1e-2)
+    emit({"event": "progress", "stage": "init", "iteration": 0, "iterations": tcfg.iterations,
+          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
+
+    cameras = [geometry.camera(int(k), device=device) for k in train_idx]
+    all_times = case.times
+
+    def snapshot(it: int) -> dict:
+        snap = out / "snapshots"
+        snap.mkdir(exist_ok=True)
+        vol = mean_volume(model, all_times).cpu().numpy()
+        vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
+        write_volume(vpath, vol, grid)
+        level = cfg.iso_level if cfg.iso_level is not None else robust_iso_level(vol)
+        result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
+        if level > 0 and vol.max() > level:
+            verts, faces = mesh_from_volume(vol, grid, level)
+            write_mesh(mpath, verts, faces)
+            result["mesh"] = str(mpath)
+        for old in sorted(snap.glob("*_*.*"))[:-4]:  # keep the latest two snapshots
+            old.unlink(missing_ok=True)
+        return result
+
+    with timer("train"):
+        result = train(model, dsa_train, cameras, all_times[train_idx], tcfg, n_views=int(cfg.views),
+                       on_event=emit, should_stop=should_stop, checkpoint_path=checkpoint, resume=cfg.resume,
+                       snapshot=snapshot)
+    if result["status"] == "cancelled":
+        emit({"event": "cancelled", "checkpoint": str(checkpoint), "iteration": result["iteration"]})
+        return {"status": "cancelled", "outputs": {"checkpoint": str(checkpoint)}, "metrics": {}}
+
+    outputs = {}
+    emit({"event": "progress", "stage": "voxelize", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
+          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
+    with timer("voxelize"):
+        mean_rho = model.mean_rho(all_times)
+        vol_t = voxelize(model.means, model.scales, model.rotations, mean_rho, grid)
+        vol = vol_t.cpu().numpy()
+    with timer("mesh"):
+        level = float(cfg.iso_level) if cfg.iso_level is not None else float(robust_iso_level(vol))
+        if not (level > 0 and vol.max() > level):
+            raise RuntimeError(f"the reconstructed volume has nothing above the iso-level {level:g} "
+                               f"(max {vol.max():g}); pass --iso-level")
+        verts, faces = mesh_from_volume(vol, grid, level)
+    emit({"event": "progress", "stage": "write", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
+          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
+    with timer("write"):
+        outputs["volume"] = _write(write_volume, out / "volume.nii.gz", vol, grid)
+        outputs["mesh_stl"] = _write(write_mesh, out / "mesh.stl", verts, faces)
+        outputs["mesh_vtk"] = _write(write_mesh, out / "mesh.vtk", verts, faces)
+        outputs["segmentation"] = _write(write_labelmap, out / "segmentation.nii.gz", vol >= level, grid)
+        # Time-resolved volumes at evenly spaced frame times (4D DSA).
+        t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
+        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, model.rho(float(t)), grid)
+                          .cpu().numpy() for t in t4])
+        outputs["volume_4d"] = _write(write_sequence_nrrd, out / "volume_4d.seq.nrrd", vols4, grid, t4)
+        renders = render_frames(model, geometry, range(n), all_times, device)
+        spacing = geometry.detector_spacing
+        outputs["renders"] = _write(write_stack, out / "renders.nii.gz", renders, spacing)
+        cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
+        outputs["cine"] = _write(write_stack, out / "cine.nii.gz", cine, spacing)
+        write_gaussians_ply(out / "gaussians.ply", model, mean_rho)
+        outputs["gaussians"] = str(out / "gaussians.ply")
+        save_model(out / "model.pt", model)
+        outputs["model"] = str(out / "model.pt")
+    outputs["config"] = str(out / "config.json")
+    outputs["checkpoint"] = str(checkpoint)
+
+    q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx])
+    q_held = psnr_ssim_2d(renders[held_idx], case.dsa[held_idx]) if len(held_idx) else {"psnr": None, "ssim": None}
+    metrics = {
+        "train_psnr": q_train["psnr"], "train_ssim": q_train["ssim"],
+        "heldout_psnr": q_held["psnr"], "heldout_ssim": q_held["ssim"],
+        "n_gaussians": model.n, "n_gaussians_init": init_info["n_gaussians"],
+        "init_threshold": init_info["threshold"], "iso_level": level,
+        "iterations": result["iteration"], "it_per_s": result["it_per_s"],
+        "fdk_s": timer.times["fdk"], "timings_s": dict(timer.times),
+        "total_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
+        "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
+        "densify": result["densify"], "loss_history": result["history"],
+    }
+    if device.type == "cuda":
+        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    truth = _truth_dir(cfg)
+    if truth is not None:
+        from .evaluate import evaluate_against_truth
+        metrics["truth"] = evaluate_against_truth(out, truth, level)
+    metrics["total_s"] = time.perf_counter() - t_start
+    save_json(out / "metrics.json", metrics)
+    outputs["metrics"] = str(out / "metrics.json")
+    emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
+    return {"status": "done", "outputs": outputs, "metrics": metrics}
+
+
+def _write(fn, path, *args):
+    fn(path, *args)
+    return str(path)
+
+
+def _truth_dir(cfg: ReconstructConfig) -> Path | None:
+    """A phantom case folder carries its ground truth in truth/; real cases do not."""
+    if cfg.case is None:
+        return None
+    t = Path(cfg.case) / "truth"
+    return t if (t / "volume.nii.gz").exists() else None
+
+
+def _summary(m: dict) -> dict:
+    keys = ("train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim", "n_gaussians", "it_per_s", "fdk_s", "total_s")
+    s = {k: m[k] for k in keys}
+    if "truth" in m:
+        s["truth"] = m["truth"]
+    return s

@@ -1,0 +1,269 @@
+"""The 4DRGS optimisation loop (METHOD §6), emitting structured progress events.
+
+One iteration: a random training frame (shuffled without replacement per epoch), a temporally perturbed
+time t' = clip(t_k + N(0, sigma_t^2), 0, 1), a rendering, loss 0.8 L1 + 0.2 (1 - SSIM), Adam with
+exponentially decaying learning rates, then density-control statistics and, every `densify_every`
+iterations inside the densification window, clone / split / prune.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import DRGSInputError
+from .io.atomic import atomic_path
+from .metrics import ssim
+from .model.density import DensityStats, densify_and_prune
+from .model.gaussians import PARAM_NAMES, GaussianModel
+from .render import rasterize
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = {"fast": (10_000, 5_000), "full": (30_000, 15_000)}
+
+
+@dataclass
+class TrainConfig:
+    """Training schedule and hyper-parameters (defaults: METHOD §6, `fast` schedule)."""
+
+    schedule: str = "fast"
+    iterations: int | None = None          # None: from the schedule
+    densify_from: int = 500
+    densify_until: int | None = None       # None: from the schedule (scaled if iterations is overridden)
+    densify_every: int = 200
+    grad_threshold: float = 1e-4
+    min_rho: float = 1e-6
+    clone_voxels_start: float = 2.5        # p decays linearly from this to the end value (voxels)
+    clone_voxels_end: float = 0.5
+    max_gaussians: int = 500_000
+    temporal_sigma: float | None = None    # None: 1 / n_views
+    ssim_weight: float = 0.2
+    lr_position: tuple[float, float] = (1e-4, 1e-5)   # times max(volume_phy)
+    lr_scale: tuple[float, float] = (5e-3, 5e-4)
+    lr_rotation: tuple[float, float] = (1e-3, 1e-4)
+    lr_field: tuple[float, float] = (1e-3, 1e-4)
+    field_weight_decay: float = 5e-5
+    lr_static_rho: tuple[float, float] = (1e-3, 1e-4)
+    seed: int = 0
+    progress_every: int = 50
+    checkpoint_every: int = 1000
+    snapshot_every: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise DRGSInputError("unknown schedule", repr(self.schedule), f"one of {sorted(SCHEDULES)}")
+        total, until = SCHEDULES[self.schedule]
+        if self.iterations is None:
+            self.iterations = total
+        elif self.densify_until is None:
+            # Keep the schedule's proportions for an overridden iteration count.
+            until = int(round(self.iterations * until / total))
+            self.densify_from = min(self.densify_from, max(1, self.iterations // 20))
+            self.densify_every = min(self.densify_every, max(1, self.iterations // 25))
+        if self.densify_until is None:
+            self.densify_until = until
+        if int(self.iterations) < 1:
+            raise DRGSInputError("iterations must be positive", str(self.iterations), ">= 1")
+        self.lr_position = tuple(self.lr_position)
+        self.lr_scale = tuple(self.lr_scale)
+        self.lr_rotation = tuple(self.lr_rotation)
+        self.lr_field = tuple(self.lr_field)
+        self.lr_static_rho = tuple(self.lr_static_rho)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise DRGSInputError("unknown training options", ", ".join(sorted(unknown)), ", ".join(sorted(names)))
+        return cls(**d)
+
+
+def exp_lr(init_final: tuple[float, float], step: int, total: int) -> float:
+    a, b = init_final
+    f = min(max(step / max(total, 1), 0.0), 1.0)
+    return math.exp((1 - f) * math.log(a) + f * math.log(b))
+
+
+def make_optimizer(model: GaussianModel, cfg: TrainConfig) -> torch.optim.Adam:
+    groups = [
+        {"params": [model.means], "name": "means"},
+        {"params": [model.scales_raw], "name": "scales_raw"},
+        {"params": [model.rotations], "name": "rotations"},
+        {"params": [model.rho_raw], "name": "rho_raw"},
+    ]
+    if model.field is not None:
+        groups.append({"params": list(model.field.parameters()), "name": "field",
+                       "weight_decay": cfg.field_weight_decay})
+    opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+    set_learning_rates(opt, model, cfg, 0)
+    return opt
+
+
+def set_learning_rates(opt, model: GaussianModel, cfg: TrainConfig, step: int) -> None:
+    extent = float(max(model.grid.physical_size))
+    n = cfg.iterations
+    rates = {
+        "means": exp_lr(cfg.lr_position, step, n) * extent,
+        "scales_raw": exp_lr(cfg.lr_scale, step, n),
+        "rotations": exp_lr(cfg.lr_rotation, step, n),
+        "rho_raw": exp_lr(cfg.lr_static_rho, step, n) if model.static else 0.0,
+        "field": exp_lr(cfg.lr_field, step, n),
+    }
+    for g in opt.param_groups:
+        g["lr"] = rates[g["name"]]
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    iteration: int = 0
+    order: list = field(default_factory=list)   # remaining frames of the current epoch
+    rng: dict | None = None                     # numpy bit generator state
+    torch_rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None
+    history: list = field(default_factory=list)  # (iteration, loss, n_gaussians)
+    rates: list = field(default_factory=list)    # iterations/s over each progress window
+
+
+def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, state: TrainState,
+                    cfg: TrainConfig) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "static": model.static,
+        "optimizer": opt.state_dict(),
+        "stats": stats.state_dict(),
+        "state": asdict(state),
+        "train_config": asdict(cfg),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device) -> tuple:
+    payload = torch.load(path, map_location=device, weights_only=False)
+    model.resize_like(payload["model"])
+    model.load_state_dict(payload["model"])
+    opt = make_optimizer(model, cfg)
+    opt.load_state_dict(payload["optimizer"])
+    s = payload["stats"]
+    stats = DensityStats(s["grad_sum"], s["rho_sum"], s["visible_count"])
+    state = TrainState(**payload["state"])
+    return opt, stats, state
+
+
+def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndarray, cfg: TrainConfig, *,
+          n_views: int, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          checkpoint_path: Path | None = None, resume: bool = False,
+          snapshot: Callable[[int], dict] | None = None) -> dict:
+    """Optimise `model` on the training frames.
+
+    dsa: [n, H, W] measured DSA of the training frames on the model's device; cameras: n Camera objects;
+    times: [n] normalised times of those frames.  Returns {"status": "done"|"cancelled", "iteration",
+    "it_per_s", "history", "densify"}.
+    """
+    emit = on_event or (lambda e: None)
+    stop = should_stop or (lambda: False)
+    device = model.means.device
+    n_train = dsa.shape[0]
+    sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
+    opt = make_optimizer(model, cfg)
+    stats = DensityStats.zeros(model.n, device)
+    state = TrainState()
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
+        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device)
+        rng.bit_generator.state = state.rng
+        torch.set_rng_state(state.torch_rng.cpu())
+        if state.cuda_rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state.cuda_rng.cpu(), device)
+        log.info("resumed from %s at iteration %d", checkpoint_path, state.iteration)
+    densify_log = []
+    t0 = time.perf_counter()
+    start_iter = state.iteration
+    window = (start_iter, t0)
+
+    def checkpoint():
+        if checkpoint_path is not None:
+            state.rng = rng.bit_generator.state
+            state.torch_rng = torch.get_rng_state()
+            state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg)
+
+    while state.iteration < cfg.iterations:
+        if stop():
+            checkpoint()
+            return {"status": "cancelled", "iteration": state.iteration, "history": state.history,
+                    "it_per_s": _rate(state), "densify": densify_log}
+        step = state.iteration
+        set_learning_rates(opt, model, cfg, step)
+        if not state.order:
+            state.order = rng.permutation(n_train).tolist()
+        k = state.order.pop()
+        t = float(np.clip(times[k] + rng.normal(0.0, sigma_t), 0.0, 1.0))
+        cam = cameras[k]
+
+        rho = model.rho(t)
+        means2d = torch.zeros(model.n, 2, device=device, requires_grad=True)
+        out = rasterize(model.means, model.scales, model.rotations, rho, cam, means2d=means2d)
+        gt = dsa[k]
+        l1 = (out.image - gt).abs().mean()
+        loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * (1 - ssim(out.image, gt))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+        in_window = cfg.densify_from <= step < cfg.densify_until
+        if in_window and means2d.grad is not None:
+            stats.update(out.visible, means2d.grad, cam.width, cam.height, rho)
+        opt.step()
+
+        state.iteration += 1
+        it = state.iteration
+        if in_window and it % cfg.densify_every == 0:
+            frac = (step - cfg.densify_from) / max(cfg.densify_until - cfg.densify_from, 1)
+            p = cfg.clone_voxels_start + (cfg.clone_voxels_end - cfg.clone_voxels_start) * frac
+            info = densify_and_prune(model, opt, stats, grad_threshold=cfg.grad_threshold,
+                                     clone_limit=p * model.grid.min_spacing, min_rho=cfg.min_rho,
+                                     max_gaussians=cfg.max_gaussians)
+            info["iteration"] = it
+            densify_log.append(info)
+            stats = DensityStats.zeros(model.n, device)
+            if model.n == 0:
+                raise RuntimeError("density control removed every Gaussian; lower min_rho")
+        if it % cfg.progress_every == 0 or it == cfg.iterations or it == start_iter + 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            if it - window[0] >= cfg.progress_every:
+                state.rates.append((it - window[0]) / max(now - window[1], 1e-9))
+                window = (it, now)
+            lv = float(loss.detach())
+            state.history.append((it, lv, model.n))
+            elapsed = now - t0
+            rate = (it - start_iter) / max(elapsed, 1e-9)
+            emit({"event": "progress", "stage": "train", "iteration": it, "iterations": cfg.iterations,
+                  "loss": lv, "n_gaussians": model.n, "elapsed_s": elapsed,
+                  "eta_s": (cfg.iterations - it) / max(rate, 1e-9)})
+        if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+            checkpoint()
+        if snapshot is not None and cfg.snapshot_every and it % cfg.snapshot_every == 0 and it < cfg.iterations:
+            emit({"event": "snapshot", "iteration": it, **snapshot(it)})
+    checkpoint()
+    return {"status": "done", "iteration": state.iteration, "history": state.history,
+            "it_per_s": _rate(state), "densify": densify_log}
+
+
+def _rate(state: TrainState) -> float:
+    """Median iterations per second over the progress windows (robust to warm-up and density control)."""
+    return float(np.median(state.rates)) if state.rates else 0.0
