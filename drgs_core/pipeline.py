@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from .ct import fdk
@@ -33,9 +32,9 @@ log = logging.getLogger(__name__)
 
 # Problem sizes for machines without a GPU; values the user sets explicitly win.
 PRESETS = {
-    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19},
-    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15},
-    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12},
+    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "max_gaussians": 500_000},
+    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "max_gaussians": 12_000},
+    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "max_gaussians": 2_000},
 }
 
 
@@ -57,6 +56,7 @@ class ReconstructConfig:
     n_gaussians: int | None = None
     init_threshold: str | float = "auto"
     log2_table_size: int | None = None
+    max_gaussians: int | None = None
     static_field: bool = False
     iso_level: float | None = None
     times_4d: int = 8
@@ -102,7 +102,8 @@ class ReconstructConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(schedule=self.schedule, iterations=self.iterations, densify_until=self.densify_until,
                            seed=self.seed, checkpoint_every=self.checkpoint_every,
-                           snapshot_every=self.snapshot_every, progress_every=self.progress_every)
+                           snapshot_every=self.snapshot_every, progress_every=self.progress_every,
+                           max_gaussians=self.max_gaussians)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,20 +134,22 @@ def _sync(device):
 
 
 @torch.no_grad()
-def calibrate_initial_attenuation(model: GaussianModel, fdk_volume: torch.Tensor) -> torch.Tensor:
-    """Per-Gaussian initial attenuation so that the voxelised initial model reproduces the FDK volume.
+def calibrate_initial_attenuation(model: GaussianModel, dsa: torch.Tensor, cameras: list, max_views: int = 8
+                                  ) -> torch.Tensor:
+    """Initial per-Gaussian attenuation: the FDK values at the centres times one factor k.
 
-    Overlapping Gaussians add up, so rho_i = FDK(mu_i) would overshoot; a single least-squares factor k
-    between the FDK values at the centres and the voxelised sum there fixes the scale. Returns k * FDK(mu_i).
+    Overlapping Gaussians add up and sparse-view FDK carries streaks, so rho_i = FDK(mu_i) renders far too
+    bright. Rendering is linear in rho, so the least-squares k between renderings of the FDK values and the
+    measured DSA of (up to `max_views`) training views is exact. dsa: [n, H, W]; cameras: n Cameras.
     """
     f = model.rho_raw.detach().clamp_min(0)
-    vol = voxelize(model.means, model.scales, model.rotations, f, model.grid)
-    idx = model.grid.world_to_index(model.means.detach())
-    res = torch.tensor(model.grid.resolution, device=idx.device, dtype=idx.dtype)
-    g = (2 * idx / (res - 1).clamp_min(1) - 1).flip(-1)  # grid_sample wants (z, y, x) order in [-1, 1]
-    v = F.grid_sample(vol[None, None], g[None, None, None], align_corners=True)[0, 0, 0, 0]
-    k = float((f * v).sum() / (v * v).sum().clamp_min(1e-20))
-    return f * k
+    pick = np.linspace(0, len(cameras) - 1, min(max_views, len(cameras))).round().astype(int)
+    num = den = 0.0
+    for k in pick:
+        img = rasterize(model.means, model.scales, model.rotations, f, cameras[k]).image
+        num += float((img * dsa[k]).sum())
+        den += float((img * img).sum())
+    return f * (num / max(den, 1e-20))
 
 
 class _Timer:
@@ -218,23 +221,18 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     with timer("fdk"):
         fdk_vol = fdk(dsa_train, geometry.subset(train_idx), grid).clamp_min(0)
 
+    cameras = [geometry.camera(int(k), device=device) for k in train_idx]
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists()
     with timer("init"):
         model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size).to(device)
         init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
         if not resuming:
-            target = calibrate_initial_attenuation(model, fdk_vol)
-            if model.static:
-                model.rho_raw.data.copy_(target)
-            else:
-                gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-                t_rand = torch.rand(model.n, generator=gen).to(device)
-                model.field.fit_to(model.normalised_positions(), t_rand, target, steps=200, lr=1e-2)
+            target = calibrate_initial_attenuation(model, dsa_train, cameras)
+            init_info["fit_rel_error"] = model.set_initial_attenuation(target, seed=cfg.seed)
     emit({"event": "progress", "stage": "init", "iteration": 0, "iterations": tcfg.iterations,
           "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
 
-    cameras = [geometry.camera(int(k), device=device) for k in train_idx]
     all_times = case.times
 
     def snapshot(it: int) -> dict:
@@ -264,7 +262,7 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     outputs = {}
     emit({"event": "progress", "stage": "voxelize", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
           "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
-    with timer("voxelize"):
+    with timer("voxelize"), torch.no_grad():
         mean_rho = model.mean_rho(all_times)
         vol_t = voxelize(model.means, model.scales, model.rotations, mean_rho, grid)
         vol = vol_t.cpu().numpy()
@@ -276,7 +274,7 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
         verts, faces = mesh_from_volume(vol, grid, level)
     emit({"event": "progress", "stage": "write", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
           "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
-    with timer("write"):
+    with timer("write"), torch.no_grad():
         outputs["volume"] = _write(write_volume, out / "volume.nii.gz", vol, grid)
         outputs["mesh_stl"] = _write(write_mesh, out / "mesh.stl", verts, faces)
         outputs["mesh_vtk"] = _write(write_mesh, out / "mesh.vtk", verts, faces)

@@ -67,8 +67,8 @@ class TrainConfig:
         elif self.densify_until is None:
             # Keep the schedule's proportions for an overridden iteration count.
             until = int(round(self.iterations * until / total))
-            self.densify_from = min(self.densify_from, max(1, self.iterations // 20))
-            self.densify_every = min(self.densify_every, max(1, self.iterations // 25))
+            self.densify_from = max(1, int(round(self.densify_from * self.iterations / total)))
+            self.densify_every = max(1, int(round(self.densify_every * self.iterations / total)))
         if self.densify_until is None:
             self.densify_until = until
         if int(self.iterations) < 1:
@@ -176,6 +176,12 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     stop = should_stop or (lambda: False)
     device = model.means.device
     n_train = dsa.shape[0]
+    # The loss sees images in units of the DSA's robust maximum: SSIM's constants assume a data range of
+    # about 1, and the density-control gradient threshold then means the same on any intensity scale.
+    flat = dsa.reshape(-1)
+    if flat.numel() > 2**24:
+        flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 2**24]]
+    inv_scale = 1.0 / max(float(torch.quantile(flat.float(), 0.999)), 1e-12)
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
     opt = make_optimizer(model, cfg)
     stats = DensityStats.zeros(model.n, device)
@@ -217,9 +223,10 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         rho = model.rho(t)
         means2d = torch.zeros(model.n, 2, device=device, requires_grad=True)
         out = rasterize(model.means, model.scales, model.rotations, rho, cam, means2d=means2d)
-        gt = dsa[k]
-        l1 = (out.image - gt).abs().mean()
-        loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * (1 - ssim(out.image, gt))
+        gt = dsa[k] * inv_scale
+        img = out.image * inv_scale
+        l1 = (img - gt).abs().mean()
+        loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * (1 - ssim(img, gt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
 

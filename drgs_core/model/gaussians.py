@@ -47,6 +47,9 @@ class GaussianModel(nn.Module):
         self.rotations = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(n, 1))
         self.rho_raw = nn.Parameter(torch.zeros(n))
         self.field = None if static else AttenuationField(log2_table_size=log2_table_size)
+        # rho = rho_scale * activation(...): a fixed unit chosen at initialisation from the data, so that the
+        # learning rates of METHOD §6 act on O(1) quantities whatever the intensity scale of the case.
+        self.register_buffer("rho_scale", torch.tensor(1.0))
 
     # ---- activations ---------------------------------------------------------------------
     @property
@@ -69,14 +72,14 @@ class GaussianModel(nn.Module):
     def rho(self, t) -> torch.Tensor:
         """Central attenuation [P] (1/mm) at normalised time t (float or tensor [P])."""
         if self.static:
-            return torch.relu(self.rho_raw)
-        return self.field(self.normalised_positions(), t)
+            return torch.relu(self.rho_raw) * self.rho_scale
+        return self.field(self.normalised_positions(), t) * self.rho_scale
 
     @torch.no_grad()
     def mean_rho(self, times, chunk: int = 16) -> torch.Tensor:
         """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7)."""
         if self.static:
-            return torch.relu(self.rho_raw).detach()
+            return self.rho(0.0).detach()
         acc = torch.zeros(self.n, device=self.means.device)
         for t in times:
             acc += self.rho(float(t))
@@ -132,6 +135,21 @@ class GaussianModel(nn.Module):
         self.rotations = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(n, 1).to(dev))
         self.rho_raw = nn.Parameter(values.to(dev))
         return {"threshold": thr, "candidates": int((vol > thr).sum()), "n_gaussians": n}
+
+    @torch.no_grad()
+    def set_initial_attenuation(self, target: torch.Tensor, fit_steps: int = 100, seed: int = 0) -> float:
+        """Set rho_i to target [P] (1/mm): fixes rho_scale to the mean target, then copies it (static) or
+        fits the field to it at random times. Returns the relative RMS error of the fit (0 for static)."""
+        self.rho_scale.fill_(float(target.clamp_min(0).mean().clamp_min(1e-12)))
+        unit = target / self.rho_scale
+        if self.static:
+            self.rho_raw.data.copy_(unit)
+            return 0.0
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        t_rand = torch.rand(self.n, generator=gen).to(unit.device)
+        with torch.enable_grad():
+            mse = self.field.fit_to(self.normalised_positions(), t_rand, unit, steps=fit_steps, lr=1e-3)
+        return float(mse ** 0.5 / max(float(unit.pow(2).mean().sqrt()), 1e-12))
 
     # ---- serialisation -----------------------------------------------------------------
     def resize_like(self, state: dict) -> None:
