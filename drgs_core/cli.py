@@ -169,7 +169,7 @@ def _reconstruct_config(a):
     from .pipeline import ReconstructConfig
 
     keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
-            "n_gaussians", "init_threshold", "log2_table_size", "max_gaussians", "static_field", "iso_level", "times_4d",
+            "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
             "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     if "init_threshold" in d and d["init_threshold"] != "auto":
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-gaussians", type=int, help="initial Gaussians drawn from the FDK (default 30000)")
     s.add_argument("--init-threshold", help="FDK threshold for initialisation: 'auto' or a value in 1/mm")
     s.add_argument("--max-gaussians", type=int, help="cap on the number of Gaussians (default 500000)")
+    s.add_argument("--n-levels", type=int, help="hash-grid levels (default 12)")
     s.add_argument("--log2-table-size", type=int, help="hash table size per level, log2 (default 19)")
     s.add_argument("--static-field", action="store_true", help="ablation: static per-Gaussian attenuation")
     s.add_argument("--iso-level", type=float, help="marching-cubes level (default: robust automatic)")

@@ -22,7 +22,7 @@ from .errors import DRGSInputError
 from .geometry import held_out_indices, view_indices
 from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
-from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level
+from .metrics import mesh_from_volume, psnr_ssim_2d, vessel_iso_level
 from .model.gaussians import GaussianModel
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
@@ -30,11 +30,13 @@ from .train import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
-# Problem sizes for machines without a GPU; values the user sets explicitly win.
+# Problem sizes for machines without a GPU; values the user sets explicitly win. The CPU presets use fewer
+# hash-grid levels: on their 64^3 grids, levels finer than the voxels add cost and nothing else.
 PRESETS = {
-    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "max_gaussians": 500_000},
-    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "max_gaussians": 12_000},
-    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "max_gaussians": 2_000},
+    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "n_levels": 12,
+           "max_gaussians": 500_000},
+    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "n_levels": 8, "max_gaussians": 8_000},
+    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "n_levels": 6, "max_gaussians": 2_000},
 }
 
 
@@ -56,6 +58,7 @@ class ReconstructConfig:
     n_gaussians: int | None = None
     init_threshold: str | float = "auto"
     log2_table_size: int | None = None
+    n_levels: int | None = None
     max_gaussians: int | None = None
     static_field: bool = False
     iso_level: float | None = None
@@ -103,7 +106,7 @@ class ReconstructConfig:
         return TrainConfig(schedule=self.schedule, iterations=self.iterations, densify_until=self.densify_until,
                            seed=self.seed, checkpoint_every=self.checkpoint_every,
                            snapshot_every=self.snapshot_every, progress_every=self.progress_every,
-                           max_gaussians=self.max_gaussians)
+                           max_gaussians=self.max_gaussians, min_densify_every=int(self.views))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,7 +228,8 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists()
     with timer("init"):
-        model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size).to(device)
+        model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size,
+                              n_levels=cfg.n_levels).to(device)
         init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
         if not resuming:
             target = calibrate_initial_attenuation(model, dsa_train, cameras)
@@ -241,7 +245,7 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
         vol = mean_volume(model, all_times).cpu().numpy()
         vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
         write_volume(vpath, vol, grid)
-        level = cfg.iso_level if cfg.iso_level is not None else robust_iso_level(vol)
+        level = cfg.iso_level if cfg.iso_level is not None else vessel_iso_level(vol)
         result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
         if level > 0 and vol.max() > level:
             verts, faces = mesh_from_volume(vol, grid, level)
@@ -267,7 +271,7 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
         vol_t = voxelize(model.means, model.scales, model.rotations, mean_rho, grid)
         vol = vol_t.cpu().numpy()
     with timer("mesh"):
-        level = float(cfg.iso_level) if cfg.iso_level is not None else float(robust_iso_level(vol))
+        level = float(cfg.iso_level) if cfg.iso_level is not None else float(vessel_iso_level(vol))
         if not (level > 0 and vol.max() > level):
             raise RuntimeError(f"the reconstructed volume has nothing above the iso-level {level:g} "
                                f"(max {vol.max():g}); pass --iso-level")

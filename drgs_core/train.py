@@ -45,6 +45,7 @@ class TrainConfig:
     clone_voxels_start: float = 2.5        # p decays linearly from this to the end value (voxels)
     clone_voxels_end: float = 0.5
     max_gaussians: int = 500_000
+    min_densify_every: int = 1             # e.g. the number of views: statistics over at least one epoch
     temporal_sigma: float | None = None    # None: 1 / n_views
     ssim_weight: float = 0.2
     lr_position: tuple[float, float] = (1e-4, 1e-5)   # times max(volume_phy)
@@ -71,6 +72,7 @@ class TrainConfig:
             self.densify_every = max(1, int(round(self.densify_every * self.iterations / total)))
         if self.densify_until is None:
             self.densify_until = until
+        self.densify_every = max(self.densify_every, self.min_densify_every)
         if int(self.iterations) < 1:
             raise DRGSInputError("iterations must be positive", str(self.iterations), ">= 1")
         self.lr_position = tuple(self.lr_position)

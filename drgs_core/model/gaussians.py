@@ -35,18 +35,20 @@ class GaussianModel(nn.Module):
     means [P,3] mm, scales_raw [P,3], rotations [P,4], rho_raw [P] (used only when `static`).
     """
 
-    def __init__(self, grid: VolumeGrid, n: int = 0, static: bool = False, log2_table_size: int = 19):
+    def __init__(self, grid: VolumeGrid, n: int = 0, static: bool = False, log2_table_size: int = 19,
+                 n_levels: int = 12):
         super().__init__()
         self.grid = grid
         self.static = static
         self.log2_table_size = log2_table_size
+        self.n_levels = n_levels
         self.s_min = 0.1 * grid.min_spacing
         self.s_max = 10.0 * grid.min_spacing
         self.means = nn.Parameter(torch.zeros(n, 3))
         self.scales_raw = nn.Parameter(torch.zeros(n, 3))
         self.rotations = nn.Parameter(torch.tensor([1.0, 0, 0, 0]).repeat(n, 1))
         self.rho_raw = nn.Parameter(torch.zeros(n))
-        self.field = None if static else AttenuationField(log2_table_size=log2_table_size)
+        self.field = None if static else AttenuationField(log2_table_size=log2_table_size, n_levels=n_levels)
         # rho = rho_scale * activation(...): a fixed unit chosen at initialisation from the data, so that the
         # learning rates of METHOD §6 act on O(1) quantities whatever the intensity scale of the case.
         self.register_buffer("rho_scale", torch.tensor(1.0))

@@ -47,7 +47,8 @@ def read_gaussians_ply(path) -> dict:
 
 def save_model(path, model: GaussianModel, extra: dict | None = None) -> None:
     payload = {"model": model.state_dict(), "static": model.static, "grid": model.grid.to_json(),
-               "log2_table_size": model.log2_table_size, **(extra or {})}
+               "log2_table_size": model.log2_table_size,
+               "n_levels": model.n_levels, **(extra or {})}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -57,7 +58,8 @@ def load_model(run_dir, device="cpu") -> GaussianModel:
     payload = torch.load(Path(run_dir) / "model.pt", map_location=device, weights_only=False)
     g = payload["grid"]
     grid = VolumeGrid(g["volume_resolution"], g["volume_spacing"])
-    model = GaussianModel(grid, static=payload["static"], log2_table_size=payload["log2_table_size"]).to(device)
+    model = GaussianModel(grid, static=payload["static"], log2_table_size=payload["log2_table_size"],
+                          n_levels=payload["n_levels"]).to(device)
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
     return model
