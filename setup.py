@@ -1,6 +1,46 @@
 """DRGS4D engine (drgs_core). The optional CUDA extension is added by csrc/ when a CUDA toolkit is present."""
 
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+
+def _cuda_extension_kwargs() -> dict:
+    """Optional CUDA extension drgs_core._C from csrc/ (see drgs_core/_ext.py for the JIT fallback).
+
+    Built when PyTorch is importable at build time, is a CUDA build and a CUDA toolkit (nvcc) is found.
+    DRGS4D_BUILD_CUDA=1 forces the build (an error if it cannot be done), =0 skips it.  A plain CPU-only
+    `pip install -e .` (build isolation: no torch at build time) builds nothing and stays fast.  To build in
+    place: `DRGS4D_BUILD_CUDA=1 pip install --no-build-isolation -e .`.
+    """
+    mode = os.environ.get("DRGS4D_BUILD_CUDA", "auto").strip().lower()
+    if mode in ("0", "no", "false", "off"):
+        return {}
+    forced = mode in ("1", "yes", "true", "on")
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if forced:
+            raise
+        return {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        if forced:
+            raise RuntimeError("DRGS4D_BUILD_CUDA=1 needs a CUDA build of PyTorch and a CUDA toolkit (CUDA_HOME)")
+        return {}
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources:
+        return {}
+    ext = CUDAExtension(
+        name="drgs_core._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
 
 setup(
     name="drgs4d",
@@ -21,4 +61,5 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "slicer-core", "vtk"]},
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
+    **_cuda_extension_kwargs(),
 )

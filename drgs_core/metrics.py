@@ -123,10 +123,18 @@ def chamfer_hd95(verts_a, verts_b, icp: bool = False, icp_iterations: int = 50) 
 # 2D image metrics
 # ======================================================================================================
 def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
+    """The normalised 1-D Gaussian window [size]; the 2-D window is its outer product (separable)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).to(dtype=dtype, device=device)[None, None]
+    return (g / g.sum()).to(dtype=dtype, device=device)
+
+
+def _local_means(stack: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Valid-region Gaussian filtering of [B, C, H, W] as two 1-D passes with all C channels in one call."""
+    c = stack.shape[1]
+    k = g.numel()
+    out = F.conv2d(stack, g.view(1, 1, k, 1).expand(c, 1, k, 1), groups=c)
+    return F.conv2d(out, g.view(1, 1, 1, k).expand(c, 1, 1, k), groups=c)
 
 
 def _as_batch(img: torch.Tensor) -> torch.Tensor:
@@ -152,15 +160,15 @@ def ssim_per_image(img1: torch.Tensor, img2: torch.Tensor, window: int = 11, sig
     if min(x.shape[-2:]) < window:
         raise DRGSInputError("image is smaller than the SSIM window", f"{tuple(x.shape[-2:])}",
                              f"at least {window} x {window} pixels")
-    w = _gaussian_window(window, sigma, x.dtype, x.device)
+    g = _gaussian_window(window, sigma, x.dtype, x.device)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = F.conv2d(x, w), F.conv2d(y, w)
-    sxx = F.conv2d(x * x, w) - mx * mx
-    syy = F.conv2d(y * y, w) - my * my
-    sxy = F.conv2d(x * y, w) - mx * my
+    mx, my, exx, eyy, exy = _local_means(torch.cat([x, y, x * x, y * y, x * y], dim=1), g).unbind(1)
+    sxx = exx - mx * mx
+    syy = eyy - my * my
+    sxy = exy - mx * my
     num = (2 * mx * my + c1) * (2 * sxy + c2)
     den = (mx * mx + my * my + c1) * (sxx + syy + c2)
-    return (num / den).mean(dim=(1, 2, 3))
+    return (num / den).mean(dim=(1, 2))
 
 
 def ssim(img1: torch.Tensor, img2: torch.Tensor, window: int = 11, sigma: float = 1.5,
@@ -205,12 +213,12 @@ def split_train_heldout(values, train_idx):
     return tr, ho
 
 
-def psnr_ssim_2d(rendered, measured, train_idx=None, window: int = 11, sigma: float = 1.5) -> dict:
+def psnr_ssim_2d(rendered, measured, train_idx=None, window: int = 11, sigma: float = 1.5, device=None) -> dict:
     """PSNR (dB) and SSIM of rendered vs measured images [n, H, W] (METHOD §8).
 
     Each image of both stacks is min-max normalised to [0, 1] on its own (a constant image becomes 0);
     PSNR uses data range 1 and is +inf for a frame that matches exactly (means then are inf too); SSIM as
-    `ssim`.  Returns {"psnr", "ssim" (means over frames), "psnr_per_frame", "ssim_per_frame" (lists)} and,
+    `ssim` (computed on `device`, e.g. the GPU, in batches).  Returns {"psnr", "ssim" (means over frames), "psnr_per_frame", "ssim_per_frame" (lists)} and,
     when train_idx (frame indices) is given, "psnr_train", "psnr_heldout", "ssim_train", "ssim_heldout".
     """
     r, m = _np(rendered), _np(measured)
@@ -222,7 +230,11 @@ def psnr_ssim_2d(rendered, measured, train_idx=None, window: int = 11, sigma: fl
     rn = np.stack([normalise_minmax(x) for x in r])
     mn = np.stack([normalise_minmax(x) for x in m])
     ps = [psnr(a, b, 1.0) for a, b in zip(rn, mn)]
-    ss = ssim_per_image(torch.from_numpy(rn), torch.from_numpy(mn), window, sigma, 1.0).tolist()
+    ss = []
+    for i in range(0, len(rn), 16):
+        a = torch.from_numpy(rn[i:i + 16]).to(device=device)
+        b = torch.from_numpy(mn[i:i + 16]).to(device=device)
+        ss += ssim_per_image(a, b, window, sigma, 1.0).tolist()
     out = {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss)), "psnr_per_frame": ps, "ssim_per_frame": ss}
     if train_idx is not None:
         out["psnr_train"], out["psnr_heldout"] = split_train_heldout(ps, train_idx)

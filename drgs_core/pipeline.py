@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -192,8 +193,26 @@ def mean_volume(model: GaussianModel, times) -> torch.Tensor:
 
 def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> dict:
-    """Run the whole reconstruction; returns {"status", "outputs": {name: path}, "metrics": {...}}."""
-    emit = on_event or (lambda e: None)
+    """Run the whole reconstruction; returns {"status", "outputs": {name: path}, "metrics": {...}}.
+
+    should_stop() is polled between stages and every iteration; a stop before training returns
+    status "cancelled" with nothing to resume, a stop during training keeps a checkpoint.
+    """
+    try:
+        return _run(cfg, on_event or (lambda e: None), should_stop or (lambda: False))
+    except torch.cuda.OutOfMemoryError as exc:
+        raise DRGSInputError("the GPU ran out of memory", str(exc).splitlines()[0][:160],
+                             "a problem that fits the card",
+                             "lower --max-gaussians or --n-gaussians, close other GPU programs, or use --device cpu"
+                             ) from None
+
+
+def _cancelled_early(emit, stage: str) -> dict:
+    emit({"event": "cancelled", "checkpoint": None, "iteration": 0, "stage": stage})
+    return {"status": "cancelled", "outputs": {}, "metrics": {}}
+
+
+def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -217,6 +236,8 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     emit({"event": "started", "run_dir": str(out.resolve()), "n_frames": n, "views": int(cfg.views),
           "iterations": tcfg.iterations, "device": str(device), "backend": active_backend(device)})
 
+    if should_stop():
+        return _cancelled_early(emit, "load")
     geometry, grid = case.geometry, case.grid
     dsa_train = torch.as_tensor(case.dsa[train_idx], device=device)
     emit({"event": "progress", "stage": "fdk", "iteration": 0, "iterations": tcfg.iterations,
@@ -224,6 +245,8 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     with timer("fdk"):
         fdk_vol = fdk(dsa_train, geometry.subset(train_idx), grid).clamp_min(0)
 
+    if should_stop():
+        return _cancelled_early(emit, "fdk")
     cameras = [geometry.camera(int(k), device=device) for k in train_idx]
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists()
@@ -279,29 +302,38 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     emit({"event": "progress", "stage": "write", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
           "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
     with timer("write"), torch.no_grad():
-        outputs["volume"] = _write(write_volume, out / "volume.nii.gz", vol, grid)
-        outputs["mesh_stl"] = _write(write_mesh, out / "mesh.stl", verts, faces)
-        outputs["mesh_vtk"] = _write(write_mesh, out / "mesh.vtk", verts, faces)
-        outputs["segmentation"] = _write(write_labelmap, out / "segmentation.nii.gz", vol >= level, grid)
-        # Time-resolved volumes at evenly spaced frame times (4D DSA).
+        # Time-resolved volumes at evenly spaced frame times (4D DSA); renders of every frame at its time;
+        # a fixed-view cine over all frame times.  GPU work first, then all files written in parallel
+        # (compression and file I/O release the GIL).
         t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
         vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, model.rho(float(t)), grid)
                           .cpu().numpy() for t in t4])
-        outputs["volume_4d"] = _write(write_sequence_nrrd, out / "volume_4d.seq.nrrd", vols4, grid, t4)
         renders = render_frames(model, geometry, range(n), all_times, device)
-        spacing = geometry.detector_spacing
-        outputs["renders"] = _write(write_stack, out / "renders.nii.gz", renders, spacing)
         cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
-        outputs["cine"] = _write(write_stack, out / "cine.nii.gz", cine, spacing)
-        write_gaussians_ply(out / "gaussians.ply", model, mean_rho)
-        outputs["gaussians"] = str(out / "gaussians.ply")
-        save_model(out / "model.pt", model)
-        outputs["model"] = str(out / "model.pt")
+        spacing = geometry.detector_spacing
+        jobs = {
+            "volume": (write_volume, out / "volume.nii.gz", vol, grid),
+            "mesh_stl": (write_mesh, out / "mesh.stl", verts, faces),
+            "mesh_vtk": (write_mesh, out / "mesh.vtk", verts, faces),
+            "segmentation": (write_labelmap, out / "segmentation.nii.gz", vol >= level, grid),
+            "volume_4d": (write_sequence_nrrd, out / "volume_4d.seq.nrrd", vols4, grid, t4),
+            "renders": (write_stack, out / "renders.nii.gz", renders, spacing),
+            "cine": (write_stack, out / "cine.nii.gz", cine, spacing),
+            "gaussians": (write_gaussians_ply, out / "gaussians.ply", model, mean_rho),
+            "model": (save_model, out / "model.pt", model),
+        }
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {name: pool.submit(job[0], *job[1:]) for name, job in jobs.items()}
+            for name, fut in futures.items():
+                fut.result()
+                outputs[name] = str(jobs[name][1])
     outputs["config"] = str(out / "config.json")
     outputs["checkpoint"] = str(checkpoint)
 
-    q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx])
-    q_held = psnr_ssim_2d(renders[held_idx], case.dsa[held_idx]) if len(held_idx) else {"psnr": None, "ssim": None}
+    with timer("image_metrics"):
+        q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
+        q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
+                  else {"psnr": None, "ssim": None})
     metrics = {
         "train_psnr": q_train["psnr"], "train_ssim": q_train["ssim"],
         "heldout_psnr": q_held["psnr"], "heldout_ssim": q_held["ssim"],
@@ -309,7 +341,7 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
         "init_threshold": init_info["threshold"], "iso_level": level,
         "iterations": result["iteration"], "it_per_s": result["it_per_s"],
         "fdk_s": timer.times["fdk"], "timings_s": dict(timer.times),
-        "total_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
+        "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
         "densify": result["densify"], "loss_history": result["history"],
     }
@@ -318,17 +350,14 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
     truth = _truth_dir(cfg)
     if truth is not None:
         from .evaluate import evaluate_against_truth
+        t_eval = time.perf_counter()
         metrics["truth"] = evaluate_against_truth(out, truth, level)
+        metrics["timings_s"]["truth_evaluation"] = time.perf_counter() - t_eval
     metrics["total_s"] = time.perf_counter() - t_start
     save_json(out / "metrics.json", metrics)
     outputs["metrics"] = str(out / "metrics.json")
     emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
     return {"status": "done", "outputs": outputs, "metrics": metrics}
-
-
-def _write(fn, path, *args):
-    fn(path, *args)
-    return str(path)
 
 
 def _truth_dir(cfg: ReconstructConfig) -> Path | None:
@@ -340,7 +369,8 @@ def _truth_dir(cfg: ReconstructConfig) -> Path | None:
 
 
 def _summary(m: dict) -> dict:
-    keys = ("train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim", "n_gaussians", "it_per_s", "fdk_s", "total_s")
+    keys = ("train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim", "n_gaussians", "it_per_s", "fdk_s", "total_s",
+            "iso_level")
     s = {k: m[k] for k in keys}
     if "truth" in m:
         s["truth"] = m["truth"]

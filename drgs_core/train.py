@@ -106,7 +106,8 @@ def make_optimizer(model: GaussianModel, cfg: TrainConfig) -> torch.optim.Adam:
     if model.field is not None:
         groups.append({"params": list(model.field.parameters()), "name": "field",
                        "weight_decay": cfg.field_weight_decay})
-    opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+    # The fused CUDA step is ~2x faster over the hash tables' millions of parameters.
+    opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=model.means.is_cuda)
     set_learning_rates(opt, model, cfg, 0)
     return opt
 

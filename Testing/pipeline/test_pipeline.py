@@ -35,7 +35,7 @@ def runs(phantom_dir, tmp_path_factory):
     res = {"fdk": json.loads((out / "fdk" / "metrics.json").read_text())}
     for name, static in (("static", True), ("4d", False)):
         cfg = ReconstructConfig(out=str(out / name), case=str(phantom_dir), views=30, device="cpu", preset="demo",
-                                static_field=static, seed=0)
+                                static_field=static, seed=0, times_4d=3)
         res[name] = run_reconstruction(cfg)
     res["out"] = out
     return res

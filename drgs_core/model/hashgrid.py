@@ -244,6 +244,11 @@ class HashGridEncoding(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.n_dims:
             raise DRGSInputError("HashGridEncoding input", f"shape {tuple(x.shape)}", f"[P, {self.n_dims}]")
+        if x.is_cuda and self.table.is_cuda and self.table.dtype == torch.float32:
+            from . import hashgrid_cuda  # the compiled kernels, when they load (same indexing, bit-exact rows)
+
+            if hashgrid_cuda.supports(self, x):
+                return hashgrid_cuda.encode_module(self, x)
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         n_points = x.shape[0]
         parts = []

@@ -10,9 +10,9 @@ Public API (units: mm, 1/mm, pixels; images [H, W] = [detector row v, column u];
 Backends
 --------
 "torch": `render.torch_ref`, any device.  "cuda": the compiled kernels, reached through the optional module
-`drgs_core.render._cuda_backend` (which wraps the extension `drgs_core._C`).  That module is imported lazily
+`drgs_core.render.cuda_backend` (which wraps the extension `drgs_core._C`).  That module is imported lazily
 on first use; if it (or the extension) is missing, or it defines `available()` returning False, only the torch
-backend exists.  Contract for `_cuda_backend`: it provides
+backend exists.  Contract for `cuda_backend`: it provides
     rasterize(means, scales, rotations, rho, camera, means2d) -> RasterResult
     voxelize(means, scales, rotations, rho, grid, chunk) -> Tensor [nx, ny, nz]   (chunk may be None)
 following the same numerical rules.  backend="auto" uses CUDA for CUDA tensors when it is available, else torch.
@@ -39,7 +39,7 @@ def _cuda_module():
     if "module" not in _cuda_state:
         module = None
         try:
-            module = importlib.import_module(__name__ + "._cuda_backend")
+            module = importlib.import_module(__name__ + ".cuda_backend")
             available = getattr(module, "available", None)
             if available is not None and not available():
                 module = None
@@ -70,7 +70,7 @@ def _resolve(backend: str, device) -> str:
     if backend == "cuda":
         if _cuda_module() is None:
             raise DRGSInputError("the CUDA render backend is not available",
-                                 "no loadable drgs_core.render._cuda_backend / drgs_core._C",
+                                 "no loadable drgs_core.render.cuda_backend / drgs_core._C",
                                  "the compiled extension built for this machine",
                                  "build it (pip install -e . with a CUDA toolkit) or use backend='torch'")
         if torch.device(device).type != "cuda":

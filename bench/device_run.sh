@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One device call: install missing wheels, build the CUDA extension, run the GPU tests and the benchmarks.
+#   bash bench/device_run.sh STAGES...     stages: info build test kbench e2e paper paper1024 profile
+# Logs go to $OUT (the device tool's output folder) or bench/out.  Carry .whl (SimpleITK, nibabel, pynrrd).
+set -u -o pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DRGS4D_CACHE=${DRGS4D_CACHE:-/tmp/drgs4d_cache} MAX_JOBS=${MAX_JOBS:-16}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+PY=${PY:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || echo "wheel install failed"
+else
+  export PYTHONPATH=$PWD
+fi
+STAGES=${*:-info build test kbench}
+t_all=$(date +%s)
+for stage in $STAGES; do
+  t0=$(date +%s)
+  echo "=== $stage ($(date +%T))"
+  case $stage in
+    info)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/info.txt"
+      $PY -c "import torch,sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())" | tee -a "$OUT/info.txt"
+      nvcc --version | tail -2 | tee -a "$OUT/info.txt"
+      ;;
+    build)
+      DRGS4D_JIT_VERBOSE=0 $PY -c "
+import time; t=time.time()
+from drgs_core._ext import load_extension, extension_info
+m = load_extension(); print('extension', extension_info(), 'in %.1f s' % (time.time()-t))
+assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FAILED"; exit 1; }
+      ;;
+    test)
+      DRGS4D_REQUIRE_CUDA_EXT=1 $PY -m pytest Testing/gpu -q -x -p no:cacheprovider -m "gpu and not slow" \
+        -o addopts="" --durations=8 2>&1 | tee "$OUT/tests.log" | tail -40
+      ;;
+    testall)
+      DRGS4D_REQUIRE_CUDA_EXT=1 $PY -m pytest Testing/gpu -q -p no:cacheprovider -o addopts="" --durations=8 2>&1 \
+        | tee "$OUT/tests.log" | tail -40
+      ;;
+    e2e)
+      DRGS4D_REQUIRE_CUDA_EXT=1 $PY -m pytest Testing/gpu/test_gpu_end_to_end.py -q -s -p no:cacheprovider \
+        -o addopts="" 2>&1 | tee "$OUT/e2e.log" | tail -25
+      ;;
+    kbench)
+      $PY bench/bench_kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -30
+      ;;
+    kbenchq)
+      $PY bench/bench_kernels.py --quick 2>&1 | tee "$OUT/kernels.log" | tail -30
+      ;;
+    paper|paper1024)
+      timeout ${PAPER_TIMEOUT:-1200} $PY bench/bench_paper.py --preset $stage --out /tmp/bench_out --results "$OUT/RESULTS_rows.md" ${PAPER_ARGS:-} 2>&1 \
+        | tee "$OUT/$stage.log" | tail -40
+      ;;
+    profile)
+      $PY bench/profile_train.py /tmp/bench_out/paper_case --warmup 300 --iters 40 2>&1 | tee "$OUT/profile.log" \
+        | head -120
+      ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "=== $stage done in $(( $(date +%s) - t0 )) s"
+done
+echo "=== all stages in $(( $(date +%s) - t_all )) s"

@@ -1,0 +1,81 @@
+"""Where does a training iteration's time go?  torch.profiler over a few dozen iterations of the real loop.
+
+Sets the model up exactly as drgs_core.pipeline does (FDK init on the training views, calibrated attenuation),
+runs `--warmup` iterations of drgs_core.train.train unprofiled (reports it/s), then `--iters` iterations under
+torch.profiler and prints the top operators by GPU time and by CPU time, plus the GPU-busy fraction.
+
+    python bench/profile_train.py CASE_DIR [--views 30] [--warmup 300] [--iters 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from _common import ensure_cuda_hooks
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("case")
+    ap.add_argument("--views", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--trace", default=None, help="write a chrome trace here")
+    args = ap.parse_args()
+    hooks = ensure_cuda_hooks()
+    from drgs_core.ct import fdk
+    from drgs_core.geometry import view_indices
+    from drgs_core.io import read_case
+    from drgs_core.model.gaussians import GaussianModel
+    from drgs_core.pipeline import calibrate_initial_attenuation
+    from drgs_core.render import active_backend
+    from drgs_core.train import TrainConfig, train
+
+    dev = torch.device("cuda")
+    print("backend", active_backend(dev), "patched hooks", hooks)
+    case = read_case(args.case)
+    idx = view_indices(case.n_frames, args.views)
+    dsa = torch.as_tensor(case.dsa[idx], device=dev)
+    vol = fdk(dsa, case.geometry.subset(idx), case.grid).clamp_min(0)
+    model = GaussianModel(case.grid).to(dev)
+    model.init_from_volume(vol, 30_000, seed=0)
+    target = calibrate_initial_attenuation(model, dsa, [case.geometry.camera(int(k), device=dev) for k in idx])
+    model.set_initial_attenuation(target, seed=0)
+    cams = [case.geometry.camera(int(k), device=dev) for k in idx]
+    times = case.times[idx]
+
+    def run(n):
+        cfg = TrainConfig(schedule="fast", iterations=n, densify_until=10**9, densify_from=10**9,
+                          progress_every=max(1, n // 4), checkpoint_every=10**9)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        r = train(model, dsa, cams, times, cfg, n_views=args.views)
+        torch.cuda.synchronize()
+        return n / (time.perf_counter() - t), r
+
+    rate, _ = run(args.warmup)
+    print(f"{model.n} Gaussians, {case.geometry.height}x{case.geometry.width}: {rate:.1f} it/s "
+          f"({1000 / rate:.2f} ms/it) over {args.warmup} iterations (no density control)")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        run(args.iters)
+        wall = time.perf_counter() - t
+    ka = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CPU") / args.iters
+    print(f"profiled: {1000 * wall / args.iters:.2f} ms/it wall (profiler overhead included); "
+          f"GPU kernel time {gpu_us / 1000:.2f} ms/it -> GPU busy {100 * gpu_us / 1e3 / (1000 * wall / args.iters):.0f}%")
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(ka.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    _ = np
+
+
+if __name__ == "__main__":
+    main()
