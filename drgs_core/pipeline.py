@@ -251,6 +251,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     checkpoint = out / "checkpoint.pt"
     resuming = cfg.resume and checkpoint.exists()
     with timer("init"):
+        torch.manual_seed(cfg.seed)  # the field's tables and MLP are initialised from the global generator
         model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size,
                               n_levels=cfg.n_levels).to(device)
         init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
