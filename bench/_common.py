@@ -1,4 +1,4 @@
-"""Shared helpers of the bench scripts: device description, CUDA-event timing, hooks into the dispatch."""
+"""Shared helpers of the bench scripts: device description, CUDA-event timing."""
 
 from __future__ import annotations
 
@@ -58,46 +58,6 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     dst = torch.empty_like(src)
     t = cuda_time_ms(lambda: dst.copy_(src), warmup=3, repeat=10)["median"]
     return 2 * n_bytes / (t * 1e-3) / 1e9
-
-
-def ensure_cuda_hooks() -> dict:
-    """Make sure the public dispatch reaches the CUDA kernels; returns which hooks were missing and patched.
-
-    render: drgs_core/render/__init__.py imports `drgs_core.render._cuda_backend`; if that module does not
-    exist, alias it to `drgs_core.render.cuda_backend` in sys.modules (this process only).
-    hashgrid: if HashGridEncoding.forward does not dispatch to `model.hashgrid_cuda`, wrap it (this process only).
-    """
-    patched = {}
-    import drgs_core.render as render
-
-    if render.active_backend("cuda") != "cuda":
-        from drgs_core.render import cuda_backend
-
-        if cuda_backend.available():
-            sys.modules["drgs_core.render._cuda_backend"] = cuda_backend
-            getattr(render, "_cuda_state", {}).clear()
-            patched["render"] = render.active_backend("cuda") == "cuda"
-    from drgs_core.model import hashgrid as hg
-    from drgs_core.model import hashgrid_cuda
-
-    src = ""
-    try:
-        import inspect
-
-        src = inspect.getsource(hg.HashGridEncoding.forward)
-    except (OSError, TypeError):
-        pass
-    if "hashgrid_cuda" not in src and hashgrid_cuda.available():
-        original = hg.HashGridEncoding.forward
-
-        def forward(self, x):
-            if hashgrid_cuda.supports(self, x):
-                return hashgrid_cuda.encode_module(self, x)
-            return original(self, x)
-
-        hg.HashGridEncoding.forward = forward
-        patched["hashgrid"] = True
-    return patched
 
 
 def env_flag(name: str) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from _common import ROOT, device_info, ensure_cuda_hooks
+from _common import ROOT, device_info
 
 RESULTS_HEADER = """# DRGS4D performance results
 
@@ -125,11 +125,10 @@ def main():
     from drgs_core.phantom.presets import PhantomConfig
     from drgs_core.pipeline import ReconstructConfig, run_reconstruction
 
-    hooks = ensure_cuda_hooks()
     import drgs_core.render as render
     from drgs_core._ext import extension_info
 
-    print("extension:", extension_info(), "render backend:", render.active_backend("cuda"), "patched hooks:", hooks,
+    print("extension:", extension_info(), "render backend:", render.active_backend("cuda"),
           flush=True)
     if render.active_backend("cuda") != "cuda" and not args.allow_torch:
         raise SystemExit("the CUDA render backend is not active (pass --allow-torch to benchmark the reference)")
@@ -175,7 +174,7 @@ def main():
         "pipeline_total_s": m.get("total_s"), "peak_gpu_gb": m.get("peak_gpu_memory_gb"),
         "n_gaussians": m.get("n_gaussians"), "truth": truth, "heldout_psnr": m.get("heldout_psnr"),
         "heldout_ssim": m.get("heldout_ssim"), "train_psnr": m.get("train_psnr"), "phantom_s": t_ph,
-        "backend": m.get("backend"), "hooks_patched": hooks, "command": command,
+        "backend": m.get("backend"), "command": command,
     }
     print(json.dumps(summary, indent=1))
     print("\nfunction times (s, summed over calls): " + ", ".join(f"{k} {v:.2f}" for k, v in
@@ -190,7 +189,7 @@ def main():
         res = Path(args.results)
         if not res.exists():
             res.write_text(RESULTS_HEADER)
-        hook_txt = ("patched:" + "+".join(k for k, v in hooks.items() if v)) if hooks else "native"
+        hook_txt = "native"
         line = "| " + " | ".join([
             info["date"], str(info.get("card")), str(info.get("driver")), args.preset, str(args.views),
             args.schedule, fmt(m.get("iterations")), fmt(m.get("fdk_s")), fmt(m.get("it_per_s"), 1),

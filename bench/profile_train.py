@@ -15,7 +15,6 @@ import time
 import numpy as np
 import torch
 
-from _common import ensure_cuda_hooks
 
 
 def main():
@@ -26,7 +25,6 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--trace", default=None, help="write a chrome trace here")
     args = ap.parse_args()
-    hooks = ensure_cuda_hooks()
     from drgs_core.ct import fdk
     from drgs_core.geometry import view_indices
     from drgs_core.io import read_case
@@ -36,7 +34,7 @@ def main():
     from drgs_core.train import TrainConfig, train
 
     dev = torch.device("cuda")
-    print("backend", active_backend(dev), "patched hooks", hooks)
+    print("backend", active_backend(dev))
     case = read_case(args.case)
     idx = view_indices(case.n_frames, args.views)
     dsa = torch.as_tensor(case.dsa[idx], device=dev)

@@ -346,24 +346,29 @@ def resample_to_grid(volume, grid_from: VolumeGrid, grid_to: VolumeGrid, fill: f
 # ======================================================================================================
 # surfaces
 # ======================================================================================================
-def robust_iso_level(volume, fraction: float = 0.05, percentile: float = 99.5) -> float:
-    """A default iso-level for `mesh_from_volume` that works on any intensity scale.
-
-    Rule: M = the `percentile`-th percentile of the voxels above 1 % of the maximum (a robust "vessel
-    value", insensitive to a few hot voxels and to how much of the volume is background); the level is the
-    Otsu threshold of the voxels above fraction * M (the structure-vs-haze split), kept within
-    [0.1 M, 0.9 M].  The rule is scale-equivariant: robust_iso_level(c * V) = c * robust_iso_level(V).
-    Raises DRGSInputError if the volume has no positive value.
-    """
-    from skimage.filters import threshold_otsu
-
+def _robust_vessel_value(volume, percentile: float) -> tuple[np.ndarray, float]:
+    """(finite voxels, M): M = the `percentile`-th percentile of the voxels above 1 % of the maximum, a robust
+    "vessel value" insensitive to a few hot voxels and to how much of the volume is background."""
     v = _np(volume).ravel()
     v = v[np.isfinite(v)]
     vmax = float(v.max()) if v.size else 0.0
     if not vmax > 0:
         raise DRGSInputError("cannot choose an iso-level", "the volume has no positive value",
                              "a reconstruction with some attenuation above 0")
-    high = float(np.percentile(v[v > 0.01 * vmax], percentile))
+    return v, float(np.percentile(v[v > 0.01 * vmax], percentile))
+
+
+def robust_iso_level(volume, fraction: float = 0.05, percentile: float = 99.5) -> float:
+    """A default iso-level for `mesh_from_volume` that works on any intensity scale (used for FDK).
+
+    Rule: with M the robust vessel value (see `_robust_vessel_value`), the level is the Otsu threshold of the
+    voxels above fraction * M (the structure-vs-haze split), kept within [0.1 M, 0.9 M].  The rule is
+    scale-equivariant: robust_iso_level(c * V) = c * robust_iso_level(V).
+    Raises DRGSInputError if the volume has no positive value.
+    """
+    from skimage.filters import threshold_otsu
+
+    v, high = _robust_vessel_value(volume, percentile)
     cand = v[v > fraction * high]
     if cand.size < 2 or float(cand.max()) <= float(cand.min()):
         return 0.5 * high
@@ -374,18 +379,11 @@ def robust_iso_level(volume, fraction: float = 0.05, percentile: float = 99.5) -
 def vessel_iso_level(volume, fraction: float = 0.2, percentile: float = 99.5) -> float:
     """Default iso-level for Gaussian reconstructions: `fraction` of the robust vessel value M.
 
-    M is the `percentile`-th percentile of the voxels above 1 % of the maximum (as in robust_iso_level).
     A voxelised Gaussian model has no streak haze to separate from, so Otsu's split would fall between
     large and small vessels; a fixed fraction of M keeps the small ones (METHOD §7's reference level, 0.008,
     is about this fraction of its data's vessel value).  Scale-equivariant.
     """
-    v = _np(volume).ravel()
-    v = v[np.isfinite(v)]
-    vmax = float(v.max()) if v.size else 0.0
-    if not vmax > 0:
-        raise DRGSInputError("cannot choose an iso-level", "the volume has no positive value",
-                             "a reconstruction with some attenuation above 0")
-    return float(fraction * np.percentile(v[v > 0.01 * vmax], percentile))
+    return float(fraction * _robust_vessel_value(volume, percentile)[1])
 
 
 def mesh_from_volume(volume, grid: VolumeGrid, level: float | None = None):

@@ -10,15 +10,6 @@ from drgs_core.model.field import AttenuationField
 from drgs_core.model.hashgrid import HashGridEncoding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared CPU: intra-op threading only adds contention here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _points(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, generator=g), torch.rand(n, generator=g)

@@ -12,15 +12,6 @@ from drgs_core.model.hashgrid import HashGridEncoding, grid_index, hash_index
 PRIMES_AS_WRITTEN = [1, 2654435761, 805459861, 3674653429]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared CPU: intra-op threading only adds contention here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _small(n_dims, dtype=torch.float64, seed=0):
     """Small encoders with both direct and hashed levels and random O(1) table values."""
     if n_dims == 3:   # N = 2 (27 rows, direct), 4 (125 > 64, hashed), 8 (hashed)

@@ -38,14 +38,3 @@ def clean_small():
 def small():
     """Factory: small_config(**overrides) -> PhantomConfig."""
     return small_config
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run many small torch ops: one thread is much faster on a shared CPU (restored afterwards)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)

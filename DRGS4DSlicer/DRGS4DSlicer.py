@@ -1,0 +1,696 @@
+"""DRGS4D: sparse-view 4D vessel reconstruction from rotational DSA (4D radiative Gaussian splatting) in 3D Slicer.
+
+The panel (Widget) collects inputs and settings in a parameter node, the Logic starts the ``drgs_core`` engine in a
+background process and streams its results into the scene.  Process control, protocol parsing and scene updates live
+in ``DRGS4DSlicerLib`` (no Qt), so they are tested outside Slicer as well.
+"""
+
+import logging
+import os
+import pathlib
+import time
+import traceback
+from typing import Annotated
+
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+from slicer.parameterNodeWrapper import Choice, Minimum, WithinRange, parameterNodeWrapper
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+
+try:
+    from slicer.i18n import tr as _
+    from slicer.i18n import translate
+except ImportError:  # Slicer < 5.4
+    def _(text):
+        return text
+
+    def translate(context, text):
+        return text
+
+from DRGS4DSlicerLib import deps, inputs, process
+from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
+from DRGS4DSlicerLib.scene import SceneUpdater
+
+log = logging.getLogger("DRGS4D")
+
+INPUT_MODES = ["case folder", "files", "scene volumes"]
+DEVICES = ["auto", "cpu"] + [f"cuda:{i}" for i in range(8)]
+PRESETS = ["none", "demo", "tiny"]
+SCHEDULE_ITERATIONS = {"fast": 10000, "full": 30000}
+PRESET_ITERATIONS = {"demo": 1200, "tiny": 150}
+
+
+#
+# DRGS4DSlicer
+#
+
+
+class DRGS4DSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DRGS4D")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Reconstruction")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DRGS4D project contributors"]
+        self.parent.helpText = _("""
+Reconstructs cerebral vessels from a rotational DSA acquisition (fill and mask runs) using only a sparse subset of
+the frames, with 4D radiative Gaussian splatting.<br><br>
+Choose a case folder (fill_run, mask_run, transforms.json), two run files plus a geometry JSON, or two volumes
+already in the scene plus a geometry JSON; check the inputs; pick the number of training views and press
+<b>Reconstruct</b>. Training runs in a background process (GPU when available) and a preview volume and surface
+are updated in the scene while it trains. At the end the vessel volume, surface model, segmentation, a 4D
+(time-resolved) sequence and the rendered DSA appear under one folder in the Data module.<br><br>
+<b>Cancel</b> saves a checkpoint; <b>Resume</b> continues from it.
+""")
+        self.parent.acknowledgementText = _("""
+The method follows Liu et al., "4DRGS: 4D Radiative Gaussian Splatting for Efficient 3D Vessel Reconstruction from
+Sparse-View Dynamic DSA Images" (IPMI 2025); this is an independent implementation.
+""")
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class DRGS4DSlicerParameterNode:
+    """Everything the panel remembers; saved with the scene.
+
+    Inputs: inputMode, caseFolder | fillFile + maskFile | fillVolume + maskVolume, and geometryFile.
+    Settings: views (training frames), schedule, iterations, device, previewInterval (iterations between
+    snapshots, 0 = off), outputFolder, load options, seed, preset, staticField, external Python.
+    Results: resultVolume, resultSegmentation, threshold (1/mm); nFrames and lastRunFolder are bookkeeping.
+    """
+
+    inputMode: Annotated[str, Choice(INPUT_MODES)] = "case folder"
+    caseFolder: pathlib.Path
+    fillFile: pathlib.Path
+    maskFile: pathlib.Path
+    geometryFile: pathlib.Path
+    fillVolume: vtkMRMLScalarVolumeNode
+    maskVolume: vtkMRMLScalarVolumeNode
+    views: Annotated[int, WithinRange(1, 2000)] = 30
+    schedule: Annotated[str, Choice(["fast", "full"])] = "fast"
+    iterations: Annotated[int, WithinRange(100, 60000)] = 10000
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    previewInterval: Annotated[int, WithinRange(0, 100000)] = 500
+    outputFolder: pathlib.Path
+    loadSequence: bool = True
+    loadRenderedDSA: bool = True
+    showVolumeRendering: bool = True
+    seed: Annotated[int, Minimum(0)] = 0
+    preset: Annotated[str, Choice(PRESETS)] = "none"
+    staticField: bool = False
+    useExternalPython: bool = False
+    pythonExecutable: pathlib.Path
+    resultVolume: vtkMRMLScalarVolumeNode
+    resultSegmentation: vtkMRMLSegmentationNode
+    threshold: Annotated[float, Minimum(0.0)] = 0.008
+    nFrames: int = 0
+    lastRunFolder: str = ""
+
+
+def _path(value) -> str | None:
+    """A parameter-node path, or None when it is unset (the wrapper stores an empty path as '.')."""
+    if value is None:
+        return None
+    text = str(value)
+    return None if text in ("", ".") else text
+
+
+#
+# DRGS4DSlicerWidget
+#
+
+
+class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._lastSchedule = None
+        self._lastPreset = None
+        self._timer = None
+
+    # -- setup --
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DRGS4DSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = DRGS4DSlicerLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.resumeButton.connect("clicked(bool)", self.onResumeButton)
+        self.ui.checkInputsButton.connect("clicked(bool)", self.onCheckInputs)
+        self.ui.checkPythonButton.connect("clicked(bool)", self.onCheckPython)
+        self.ui.applyThresholdButton.connect("clicked(bool)", self.onApplyThreshold)
+        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
+        self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
+        self.ui.viewsSlider.connect("valueChanged(int)", self._updateSliderLabels)
+        self.ui.iterationsSlider.connect("valueChanged(int)", self._updateSliderLabels)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.connect("timeout()", self.onPollWorker)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes or the module is reloaded: never leave a worker behind."""
+        self.removeObservers()
+        if self._timer is not None:
+            self._timer.stop()
+        if self._job is not None and self._job.running:
+            self._job.kill()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and self._job.running:
+            self._job.scene_updates = False
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if not _path(p.outputFolder):
+            p.outputFolder = pathlib.Path(self.logic.defaultOutputFolder())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._lastSchedule = self._parameterNode.schedule
+            self._lastPreset = self._parameterNode.preset
+            self._applyCaseLimits()
+            self._onParameterNodeModified()
+
+    # -- GUI state --
+    def _applyCaseLimits(self) -> None:
+        """Views slider range from the loaded run (1..number of frames)."""
+        p = self._parameterNode
+        nFrames = p.nFrames if p and p.nFrames > 0 else 200
+        self.ui.viewsSlider.minimum = 1
+        self.ui.viewsSlider.maximum = nFrames
+        if p and p.views > nFrames:
+            p.views = nFrames
+        self._updateSliderLabels()
+
+    def _updateSliderLabels(self, *args) -> None:
+        p = self._parameterNode
+        nFrames = p.nFrames if p and p.nFrames > 0 else None
+        views = self.ui.viewsSlider.value
+        self.ui.viewsValueLabel.text = f"{views} of {nFrames}" if nFrames else str(views)
+        self.ui.iterationsValueLabel.text = f"{self.ui.iterationsSlider.value:,}"
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        if p.schedule != self._lastSchedule:
+            self._lastSchedule = p.schedule
+            p.iterations = SCHEDULE_ITERATIONS[p.schedule]
+        if p.preset != self._lastPreset:
+            self._lastPreset = p.preset
+            if p.preset in PRESET_ITERATIONS:
+                p.iterations = PRESET_ITERATIONS[p.preset]
+        mode = p.inputMode
+        self.ui.caseFolderWidget.setVisible(mode == "case folder")
+        self.ui.filesWidget.setVisible(mode == "files")
+        self.ui.volumesWidget.setVisible(mode == "scene volumes")
+        self.ui.geometryWidget.setVisible(mode != "case folder")
+        self.ui.pythonExecutablePathLineEdit.setEnabled(p.useExternalPython)
+        self._updateButtons()
+
+    def _inputsComplete(self) -> bool:
+        p = self._parameterNode
+        if p.inputMode == "case folder":
+            return _path(p.caseFolder) is not None
+        if p.inputMode == "files":
+            return all(_path(x) for x in (p.fillFile, p.maskFile, p.geometryFile))
+        return p.fillVolume is not None and p.maskVolume is not None and _path(p.geometryFile) is not None
+
+    def _updateButtons(self) -> None:
+        p = self._parameterNode
+        running = self._job is not None and self._job.running
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the reconstruction; a checkpoint is saved so that it can resume")
+            self.ui.applyButton.enabled = self._job.state.status != "cancelling"
+        else:
+            self.ui.applyButton.text = _("Reconstruct")
+            self.ui.applyButton.toolTip = _("Start the reconstruction in a background process")
+            self.ui.applyButton.enabled = bool(p) and self._inputsComplete()
+        resumable = bool(p and p.lastRunFolder and find_checkpoint(p.lastRunFolder)
+                         and os.path.isfile(os.path.join(p.lastRunFolder, "drgs4d_request.json")))
+        self.ui.resumeButton.enabled = (not running) and resumable
+        hasResult = bool(p and p.resultVolume is not None)
+        for button in (self.ui.applyThresholdButton, self.ui.exportLabelmapButton, self.ui.exportFilesButton):
+            button.enabled = hasResult and not running
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
+            widget.enabled = not running
+
+    def _askUser(self, title: str, text: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(text, title)
+
+    # -- actions --
+    def onCheckInputs(self) -> None:
+        p = self._parameterNode
+        self.ui.inputSummaryLabel.text = _("Reading the inputs...")
+        slicer.app.processEvents()
+        try:
+            if not p.useExternalPython:
+                self.logic.ensureDependencies(self._askUser)  # the engine reads the runs
+            with slicer.util.WaitCursor():
+                summary = self.logic.describeInputs(p)
+        except (inputs.InputProblem, deps.DependencyError) as exc:
+            self.ui.inputSummaryLabel.text = str(exc)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.ui.inputSummaryLabel.text = inputs.readable_error(exc)
+            logging.error(traceback.format_exc())
+            return
+        self.ui.inputSummaryLabel.text = inputs.format_summary(summary)
+        p.nFrames = int(summary["n_frames"])
+        self._applyCaseLimits()
+
+    def onCheckPython(self) -> None:
+        p = self._parameterNode
+        with slicer.util.WaitCursor():
+            event = self.logic.probePython(p)
+        if event.get("event") != "probe":
+            self.ui.deviceInfoLabel.text = event.get("message", _("The Python environment could not be checked."))
+            return
+        gpus = ", ".join(f"cuda:{g['index']} {g['name']} ({g['memory_gb']} GB)" for g in event.get("cuda", []))
+        torchText = event.get("torch") or _("not installed")
+        self.ui.deviceInfoLabel.text = (f"Python {event.get('python')}, drgs_core {event.get('drgs_core')}, "
+                                        f"PyTorch {torchText}. GPUs: {gpus or _('none (CPU only)')}")
+
+    def onApplyButton(self) -> None:
+        if self._job is not None and self._job.running:
+            self._job.cancel()
+            self.ui.statusLabel.text = self._job.state.text
+            self._updateButtons()
+            return
+        self._start(resume=False)
+
+    def onResumeButton(self) -> None:
+        self._start(resume=True)
+
+    def _start(self, resume: bool) -> None:
+        p = self._parameterNode
+        try:
+            if not p.useExternalPython:
+                self.logic.ensureDependencies(self._askUser)
+            if resume:
+                job = self.logic.resumeReconstruction(p, onPreviewVolume=self._onPreviewVolume)
+            else:
+                job = self.logic.startReconstruction(p, onPreviewVolume=self._onPreviewVolume)
+        except (inputs.InputProblem, deps.DependencyError) as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("DRGS4D"))
+            return
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(_("The reconstruction could not be started: ") + inputs.readable_error(exc),
+                                     windowTitle=_("DRGS4D"), detailedText=traceback.format_exc())
+            return
+        job.on_event = self._onJobEvent
+        self._job = job
+        p.lastRunFolder = str(job.run_dir)
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = job.state.text
+        self._timer.start()
+        self._updateButtons()
+
+    def _onPreviewVolume(self, node) -> None:
+        slicer.util.setSliceViewerLayers(background=node, fit=True)
+        if self._parameterNode and self._parameterNode.showVolumeRendering:
+            self.logic.showVolumeRendering(node)
+
+    def _onJobEvent(self, event: dict) -> None:
+        name = event.get("event")
+        if name in ("log", "output"):
+            self.ui.logTextEdit.appendPlainText(event.get("line", ""))
+        elif name == "snapshot" and self._parameterNode and self._parameterNode.showVolumeRendering:
+            node = self._job.updater.node("preview_volume")
+            if node is not None:
+                self.logic.showVolumeRendering(node)  # follow the growing value range
+
+    def onPollWorker(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        try:
+            job.poll()
+        except Exception:  # noqa: BLE001 - the timer must keep running
+            logging.error(traceback.format_exc())
+        self.ui.progressBar.value = int(round(100 * job.state.fraction))
+        self.ui.statusLabel.text = job.state.text
+        if job.worker is not None and job.worker.finished():
+            self._timer.stop()
+            self._onJobFinished(job)
+        self._updateButtons()
+
+    def _onJobFinished(self, job) -> None:
+        p = self._parameterNode
+        st = job.state
+        if st.status == "done":
+            volume = job.updater.node("volume")
+            if p is not None and volume is not None:
+                p.resultVolume = volume
+                p.resultSegmentation = job.updater.node("segmentation")
+                self._setThresholdRange(volume)
+                if job.updater.threshold is not None:
+                    p.threshold = job.updater.threshold
+                slicer.util.setSliceViewerLayers(background=volume, fit=True)
+                if p.showVolumeRendering:
+                    self.logic.showVolumeRendering(volume)
+            elapsed = st.metrics.get("total_s")
+            self.ui.statusLabel.text = _("Finished") + (f" in {elapsed:.0f} s" if elapsed else "") + \
+                f". Results: {st.run_dir}"
+        elif st.status == "cancelled":
+            self.ui.statusLabel.text = (_("Cancelled. Press Resume to continue from the checkpoint.")
+                                        if st.checkpoint else _("Cancelled."))
+        else:
+            error = st.error or {}
+            message = error.get("message") or _("The reconstruction process stopped unexpectedly.")
+            self.ui.statusLabel.text = _("Failed: ") + message.splitlines()[0]
+            details = error.get("traceback") or "\n".join(job.log_lines[-40:])
+            if error.get("kind") == "input":
+                slicer.util.errorDisplay(message, windowTitle=_("DRGS4D: please check the inputs"))
+            else:
+                slicer.util.errorDisplay(message, windowTitle=_("DRGS4D"), detailedText=details)
+
+    def _setThresholdRange(self, volume) -> None:
+        array = slicer.util.arrayFromVolume(volume)
+        top = float(array.max()) if array.size else 1.0
+        self.ui.thresholdSliderWidget.maximum = max(top, 1e-6)
+        self.ui.thresholdSliderWidget.singleStep = max(top / 500.0, 1e-6)
+
+    def onApplyThreshold(self) -> None:
+        p = self._parameterNode
+        try:
+            with slicer.util.WaitCursor():
+                segmentation, count = self.logic.applyThreshold(p.resultVolume, p.resultSegmentation, p.threshold)
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
+            return
+        p.resultSegmentation = segmentation
+        self.ui.statusLabel.text = f"{count:,} vessel voxels at threshold {p.threshold:g} 1/mm"
+
+    def onExportLabelmap(self) -> None:
+        p = self._parameterNode
+        try:
+            labelmap = self.logic.exportLabelmap(p.resultVolume, p.resultSegmentation)
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
+            return
+        self.ui.statusLabel.text = _("Exported to ") + labelmap.GetName()
+
+    def onExportFiles(self) -> None:
+        p = self._parameterNode
+        try:
+            files = self.logic.exportFiles(p.resultVolume, p.resultSegmentation, p.lastRunFolder or None)
+        except Exception as exc:  # noqa: BLE001
+            slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
+            return
+        slicer.util.infoDisplay(_("Written:") + "\n" + "\n".join(files), windowTitle=_("DRGS4D"))
+
+
+#
+# DRGS4DSlicerLogic
+#
+
+
+class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
+    """Starts reconstructions and works on their results; usable without the widget (e.g. from the Python console).
+
+    >>> logic = DRGS4DSlicerLogic()
+    >>> job = logic.startRequest(make_request(case="/data/case1", out="/tmp/run1", views=30))
+    >>> job.wait()  # blocking; the panel polls instead
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        process.ensure_engine_importable()  # a source checkout: make drgs_core importable here too
+
+    def getParameterNode(self):
+        return DRGS4DSlicerParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def defaultOutputFolder() -> str:
+        base = getattr(slicer.app, "defaultScenePath", "") or slicer.app.temporaryPath
+        return os.path.join(base, "DRGS4D")
+
+    # -- environment --
+    @staticmethod
+    def ensureDependencies(ask) -> None:
+        """Install the engine's Python packages into Slicer's Python after asking (raises DependencyError)."""
+        deps.Installer(ask, status=lambda text: slicer.util.showStatusMessage(text, 3000)).ensure()
+
+    @staticmethod
+    def _python(p):
+        return (_path(p.pythonExecutable) if p.useExternalPython else None), bool(p.useExternalPython)
+
+    def probePython(self, p) -> dict:
+        python, external = self._python(p)
+        if external and not python:
+            return {"event": "error", "message": _("Choose the python executable of the external environment.")}
+        return process.run_worker_command(["--probe"], python=python, external=external, timeout=180)
+
+    # -- inputs --
+    @staticmethod
+    def caseName(p) -> str:
+        if p.inputMode == "case folder" and _path(p.caseFolder):
+            return pathlib.Path(_path(p.caseFolder)).name
+        if p.inputMode == "files" and _path(p.fillFile):
+            return pathlib.Path(_path(p.fillFile)).name.split(".")[0]
+        if p.inputMode == "scene volumes" and p.fillVolume is not None:
+            return p.fillVolume.GetName()
+        return "case"
+
+    @staticmethod
+    def inputRequest(p, exportFolder) -> dict:
+        """The input fields of a request; scene volumes are exported to NRRD files in ``exportFolder``."""
+        if p.inputMode == "case folder":
+            return inputs.input_request(case=_path(p.caseFolder))
+        if p.inputMode == "files":
+            return inputs.input_request(fill=_path(p.fillFile), mask=_path(p.maskFile), geometry=_path(p.geometryFile))
+        if p.fillVolume is None or p.maskVolume is None:
+            raise inputs.InputProblem(_("Choose the fill and the mask volume."))
+        fill = inputs.export_volume_node(p.fillVolume, exportFolder, "fill_run")
+        mask = inputs.export_volume_node(p.maskVolume, exportFolder, "mask_run")
+        return inputs.input_request(fill=fill, mask=mask, geometry=_path(p.geometryFile))
+
+    def describeInputs(self, p) -> dict:
+        python, external = self._python(p)
+        folder = os.path.join(slicer.app.temporaryPath, "DRGS4D-inputs")
+        return inputs.describe_inputs(self.inputRequest(p, folder), python=python, external=external)
+
+    # -- runs --
+    def startReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:
+        outputRoot = _path(p.outputFolder) or self.defaultOutputFolder()
+        runDir = new_run_dir(outputRoot, self.caseName(p))
+        request = make_request(
+            **self.inputRequest(p, runDir / "inputs"),
+            out=str(runDir), views=int(p.views), schedule=p.schedule, iterations=int(p.iterations), device=p.device,
+            seed=int(p.seed), snapshot_every=int(p.previewInterval), static_field=bool(p.staticField),
+            preset=None if p.preset == "none" else p.preset)
+        return self.startRequest(request, runDir, self.caseName(p), p, onPreviewVolume)
+
+    def resumeReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:
+        if not p.lastRunFolder:
+            raise inputs.InputProblem(_("There is no earlier run to resume."))
+        python, external = self._python(p)
+        name = pathlib.Path(p.lastRunFolder).name
+        job = ReconstructionJob.resume(slicer.mrmlScene, p.lastRunFolder, name=f"DRGS4D {name} (resumed)",
+                                       python=python, external=external, load_options=self._loadOptions(p),
+                                       updater_kwargs=self._updaterKwargs(onPreviewVolume))
+        return job.start()
+
+    def startRequest(self, request: dict, runDir=None, name: str = "case", p=None,
+                     onPreviewVolume=None) -> ReconstructionJob:
+        runDir = pathlib.Path(runDir or request["out"])
+        python, external = self._python(p) if p is not None else (None, False)
+        job = ReconstructionJob(slicer.mrmlScene, request, runDir, name=f"DRGS4D {name} {time.strftime('%H:%M')}",
+                                python=python, external=external,
+                                load_options=self._loadOptions(p) if p is not None else {},
+                                updater_kwargs=self._updaterKwargs(onPreviewVolume))
+        return job.start()
+
+    @staticmethod
+    def _loadOptions(p) -> dict:
+        return {"load_sequence": bool(p.loadSequence), "load_renders": bool(p.loadRenderedDSA)}
+
+    @staticmethod
+    def _updaterKwargs(onPreviewVolume) -> dict:
+        kwargs = {"on_preview_volume": onPreviewVolume}
+        try:
+            kwargs["segmentations_logic"] = slicer.modules.segmentations.logic()
+            kwargs["sequences_logic"] = slicer.modules.sequences.logic()
+        except AttributeError:
+            pass
+        return kwargs
+
+    # -- results --
+    @staticmethod
+    def _updater(volumeNode, segmentationNode=None) -> SceneUpdater:
+        if volumeNode is None:
+            raise inputs.InputProblem(_("Choose the reconstructed vessel volume first."))
+        return SceneUpdater.attach(volumeNode, segmentationNode)
+
+    def applyThreshold(self, volumeNode, segmentationNode, threshold: float):
+        """Re-segment ``volumeNode`` at ``threshold`` (1/mm); returns (segmentation node, vessel voxel count)."""
+        updater = self._updater(volumeNode, segmentationNode)
+        count = updater.set_threshold(threshold)
+        return updater.node("segmentation"), count
+
+    def exportLabelmap(self, volumeNode, segmentationNode):
+        updater = self._updater(volumeNode, segmentationNode)
+        if updater.node("segmentation") is None:
+            raise inputs.InputProblem(_("Apply a threshold first: there is no segmentation yet."))
+        return updater.export_labelmap()
+
+    def exportFiles(self, volumeNode, segmentationNode, runFolder=None) -> list:
+        updater = self._updater(volumeNode, segmentationNode)
+        if updater.node("segmentation") is None:
+            raise inputs.InputProblem(_("Apply a threshold first: there is no segmentation yet."))
+        folder = os.path.join(runFolder or volumeNode.GetAttribute("DRGS4D.run") or self.defaultOutputFolder(),
+                              "export")
+        return updater.export_segmentation_files(folder)
+
+    @staticmethod
+    def showVolumeRendering(volumeNode) -> None:
+        """Volume rendering with a transfer function scaled to the current value range (attenuation, 1/mm)."""
+        vrLogic = slicer.modules.volumerendering.logic()
+        displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
+        if displayNode is None:
+            displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
+        displayNode.SetVisibility(True)
+        array = slicer.util.arrayFromVolume(volumeNode)
+        top = float(array.max()) if array.size else 0.0
+        if top <= 0:
+            return
+        volumeProperty = displayNode.GetVolumePropertyNode().GetVolumeProperty()
+        opacity = volumeProperty.GetScalarOpacity()
+        opacity.RemoveAllPoints()
+        opacity.AddPoint(0.0, 0.0)
+        opacity.AddPoint(0.15 * top, 0.0)
+        opacity.AddPoint(0.5 * top, 0.4)
+        opacity.AddPoint(top, 0.9)
+        colors = volumeProperty.GetRGBTransferFunction()
+        colors.RemoveAllPoints()
+        colors.AddRGBPoint(0.0, 0.5, 0.0, 0.0)
+        colors.AddRGBPoint(0.5 * top, 0.9, 0.2, 0.15)
+        colors.AddRGBPoint(top, 1.0, 0.9, 0.8)
+
+
+#
+# DRGS4DSlicerTest
+#
+
+
+class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
+    """Inside Slicer: a tiny CPU reconstruction of the demo phantom through the real worker process (the same
+    path the pytest suite ``Testing/slicer/test_e2e_worker.py`` covers outside Slicer)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_BrokenInputIsReadable()
+        self.setUp()
+        self.test_TinyPhantomReconstruction()
+
+    def _wait(self, job, timeout=600.0):
+        deadline = time.time() + timeout
+        while not (job.worker is not None and job.worker.finished()):
+            job.poll()
+            slicer.app.processEvents()
+            if time.time() > deadline:
+                job.kill()
+                self.fail("the reconstruction did not finish in time")
+            time.sleep(0.05)
+        return job.state
+
+    def _engineAvailable(self) -> bool:
+        try:
+            import torch  # noqa: F401
+            import drgs_core.pipeline  # noqa: F401
+        except ImportError as exc:
+            self.delayDisplay(f"Skipped: the engine cannot be imported in Slicer's Python ({exc}). "
+                              "Press Reconstruct in the panel once to install its dependencies.")
+            return False
+        return True
+
+    def test_BrokenInputIsReadable(self):
+        self.delayDisplay("A broken input gives a readable message")
+        logic = DRGS4DSlicerLogic()
+        folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4DTest" / "broken"
+        folder.mkdir(parents=True, exist_ok=True)
+        job = logic.startRequest(make_request(case=str(folder / "no-such-case"), out=str(folder / "run"),
+                                              device="cpu", preset="tiny"))
+        state = self._wait(job, timeout=300)
+        self.assertEqual(state.status, "failed")
+        self.assertEqual(state.error["kind"], "input")
+        self.assertNotIn("Traceback", state.error["message"])
+        self.delayDisplay("Test passed")
+
+    def test_TinyPhantomReconstruction(self):
+        if not self._engineAvailable():
+            return
+        from DRGS4DSlicerLib import selftest
+
+        self.delayDisplay("Writing the tiny phantom")
+        base = pathlib.Path(slicer.app.temporaryPath) / "DRGS4DTest"
+        case = selftest.write_tiny_phantom(base / "tiny_case")
+        out = new_run_dir(base, "tiny")
+        logic = DRGS4DSlicerLogic()
+        snapshots = []
+        job = logic.startRequest(selftest.tiny_request(case, str(out)), out, "tiny")
+        job.on_event = lambda e: snapshots.append(e["iteration"]) if e.get("event") == "snapshot" else None
+        self.delayDisplay("Reconstructing on the CPU")
+        state = self._wait(job)
+        self.assertEqual(state.status, "done", msg=str(state.error))
+        self.assertEqual(snapshots, sorted(snapshots))
+        self.assertGreater(len(snapshots), 0)
+        for role in ("volume", "model", "segmentation", "sequence"):
+            self.assertIsNotNone(job.updater.node(role), role)
+        volume = job.updater.node("volume")
+        self.assertEqual(volume.GetImageData().GetDimensions(), tuple(selftest.TINY_PHANTOM["volume_resolution"]))
+        count = logic.applyThreshold(volume, job.updater.node("segmentation"), job.updater.threshold or 0.001)[1]
+        self.assertGreater(count, 0)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,249 @@
+"""One reconstruction run as the panel sees it: request file, worker process, scene updates, state.
+
+``ReconstructionJob`` is driven by polling (the panel's QTimer calls ``poll()``; tests call it in a loop), so nothing
+here blocks or needs Qt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import process, protocol
+from .scene import SceneUpdater
+
+log = logging.getLogger("DRGS4D.job")
+
+REQUEST_FILE = "drgs4d_request.json"
+CHECKPOINT_FILE = "checkpoint.pt"  # where drgs_core.pipeline keeps the training state of a run
+
+# ReconstructConfig fields the panel may set (the engine rejects unknown keys).
+REQUEST_KEYS = ("case", "fill", "mask", "geometry", "out", "views", "schedule", "iterations", "device", "seed",
+                "snapshot_every", "checkpoint_every", "resume", "static_field", "iso_level", "preset",
+                "n_gaussians", "init_threshold", "log2_table_size", "times_4d", "cine_frame", "progress_every",
+                "densify_until")
+
+
+def make_request(**fields) -> dict:
+    """A ReconstructConfig dict from keyword fields; ``None`` values are left out (engine defaults apply)."""
+    unknown = set(fields) - set(REQUEST_KEYS)
+    if unknown:
+        raise ValueError(f"unknown request fields: {sorted(unknown)}")
+    return {k: (os.fspath(v) if isinstance(v, Path) else v) for k, v in fields.items() if v is not None}
+
+
+def new_run_dir(output_root: str | os.PathLike, name: str) -> Path:
+    """``<output_root>/<name>_<YYYYmmdd-HHMMSS>`` (suffixed when it exists)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_root) / f"{safe}_{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}_{n}")
+    return path
+
+
+def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The training checkpoint a resume of the run in ``run_dir`` would continue from, if there is one.
+
+    The engine keeps exactly one, ``<run>/checkpoint.pt``, and resumes from that file only.  (``model.pt`` is a result,
+    and a ``.tmp-*`` file next to it is a checkpoint whose writing was interrupted.)
+    """
+    path = Path(run_dir) / CHECKPOINT_FILE
+    return str(path) if path.is_file() else None
+
+
+@dataclass
+class JobState:
+    status: str = "idle"  # idle | running | cancelling | done | cancelled | failed
+    stage: str | None = None
+    fraction: float = 0.0
+    text: str = ""
+    iteration: int | None = None
+    iterations: int | None = None
+    loss: float | None = None
+    n_gaussians: int | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    run_dir: str | None = None
+    device: str | None = None
+    snapshots: list = field(default_factory=list)  # iterations of snapshots applied to the scene
+    outputs: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    error: dict | None = None
+    returncode: int | None = None
+
+
+class ReconstructionJob:
+    """Run ``request`` (a ReconstructConfig dict) in a worker process and stream its results into ``scene``.
+
+    ``load_options`` go to ``SceneUpdater.load_outputs`` (load_sequence, load_renders, threshold, ...).
+    ``on_event(event)`` is called for every event after the scene has been updated.
+    """
+
+    def __init__(self, scene, request: dict, run_dir: str | os.PathLike, name: str = "DRGS4D",
+                 python: str | None = None, external: bool = False, engine: Path | None = None,
+                 extra_env: dict | None = None, load_options: dict | None = None, updater_kwargs: dict | None = None,
+                 on_event=None, cancel_grace_s: float = 60.0):
+        self.scene = scene
+        self.run_dir = Path(run_dir)
+        self.request = dict(request)
+        self.request.setdefault("out", str(self.run_dir))
+        self.name = name
+        self.python = python
+        self.external = external
+        self.engine = engine
+        self.extra_env = extra_env
+        self.load_options = dict(load_options or {})
+        self.on_event = on_event
+        self.cancel_grace_s = cancel_grace_s
+        self.state = JobState(run_dir=str(self.run_dir))
+        self.worker: process.WorkerProcess | None = None
+        self.updater = SceneUpdater(scene, run_name=name, run_dir=str(self.run_dir), **(updater_kwargs or {}))
+        self.scene_updates = True  # set False when the scene is closed while the job still runs
+        self.log_lines: list[str] = []
+
+    # -- lifecycle --
+    @property
+    def request_path(self) -> Path:
+        return self.run_dir / REQUEST_FILE
+
+    def write_request(self) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.request_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.request, indent=2), encoding="utf-8")
+        os.replace(tmp, self.request_path)
+        return self.request_path
+
+    def start(self) -> "ReconstructionJob":
+        self.write_request()
+        self.worker = process.start_worker(str(self.request_path), python=self.python, external=self.external,
+                                           cwd=str(self.run_dir), engine=self.engine, extra_env=self.extra_env)
+        self.state.status = "running"
+        self.state.text = "Starting the reconstruction process..."
+        return self
+
+    @classmethod
+    def resume(cls, scene, run_dir: str | os.PathLike, **kwargs) -> "ReconstructionJob":
+        """A job that continues the run in ``run_dir`` from its last checkpoint."""
+        run_dir = Path(run_dir)
+        path = run_dir / REQUEST_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a DRGS4D run folder (no {REQUEST_FILE})")
+        request = json.loads(path.read_text(encoding="utf-8"))
+        request["resume"] = True
+        return cls(scene, request, run_dir, **kwargs)
+
+    @property
+    def running(self) -> bool:
+        return self.state.status in ("running", "cancelling")
+
+    def cancel(self) -> None:
+        """Ask the worker to stop (non-blocking); it checkpoints first.  ``poll()`` reports the outcome."""
+        if self.worker is not None and self.running:
+            self.state.status = "cancelling"
+            self.state.text = "Cancelling: saving a checkpoint..."
+            self.worker.request_cancel(self.cancel_grace_s)
+
+    def kill(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel(timeout=0.1)
+
+    # -- polling --
+    def poll(self) -> list[dict]:
+        """Handle everything the worker reported since the last call; returns the events."""
+        if self.worker is None:
+            return []
+        events = self.worker.poll_events()
+        if not events:
+            return events
+        # Only the newest snapshot of a batch is worth loading: older ones are already outdated.
+        last_snapshot = max((i for i, e in enumerate(events) if e.get("event") == "snapshot"), default=None)
+        for index, event in enumerate(events):
+            name = event.get("event")
+            if name == "snapshot" and index != last_snapshot:
+                continue
+            try:
+                self._apply(event)
+            except Exception as exc:  # noqa: BLE001 - a scene problem must not kill the polling loop
+                log.exception("could not apply %s event", name)
+                self.state.error = {"event": "error", "kind": "internal",
+                                    "message": f"Loading the {name} results into the scene failed: {exc}"}
+                if name == "done":
+                    self.state.status = "failed"
+            if self.on_event:
+                self.on_event(event)
+        return events
+
+    def _apply(self, event: dict) -> None:
+        name = event.get("event")
+        st = self.state
+        if name == "log":
+            self.log_lines.append(event["line"])
+            del self.log_lines[:-2000]
+            return
+        if name == "output":
+            self.log_lines.append(event["line"])
+            return
+        if name == "started":
+            st.run_dir = event.get("run_dir") or st.run_dir
+            st.device = event.get("device")
+            st.iterations = event.get("iterations")
+        elif name == "progress":
+            st.stage = event.get("stage")
+            for key in ("iteration", "iterations", "loss", "n_gaussians", "elapsed_s", "eta_s"):
+                if event.get(key) is not None:
+                    setattr(st, key, event[key])
+            frac = protocol.progress_fraction(event)
+            if frac is not None:
+                st.fraction = max(st.fraction, frac)
+        elif name == "snapshot":
+            if self.scene_updates:
+                self.updater.update_preview(event.get("volume"), event.get("mesh"), event.get("iteration"))
+                st.snapshots.append(event.get("iteration"))
+        elif name == "done":
+            st.outputs = dict(event.get("outputs") or {})
+            st.metrics = dict(event.get("metrics") or {})
+            if self.scene_updates:
+                self.updater.load_outputs(st.outputs, metrics=st.metrics, **self.load_options)
+            st.fraction = 1.0
+            st.status = "done"
+        elif name == "cancelled":
+            # The engine names the checkpoint it saved; null when it stopped before training (this run saved nothing)
+            # or when the worker was killed.  A checkpoint.pt already in the run folder - from the earlier part of a
+            # resumed run, or the last periodic save of a killed worker - can still be resumed from; else nothing can.
+            st.checkpoint = event.get("checkpoint") or find_checkpoint(st.run_dir or self.run_dir)
+            st.status = "cancelled"
+        elif name == "error":
+            if event.get("kind") == "protocol" and not event.get("fatal", True):
+                log.warning("%s", event.get("message"))
+                return
+            st.error = event
+            st.status = "failed"
+        elif name == "exit":
+            st.returncode = event.get("returncode")
+            if st.status in ("running", "cancelling"):
+                st.status = "cancelled" if st.status == "cancelling" else "failed"
+            return
+        if name == "cancelled":
+            st.text = protocol.describe_event(dict(event, checkpoint=st.checkpoint))
+        elif name in ("started", "progress", "snapshot", "done", "error"):
+            st.text = protocol.describe_event(event)
+
+    def wait(self, timeout: float = 600.0, interval: float = 0.1) -> JobState:
+        """Poll until the worker has exited (tests and the in-Slicer self-test; the panel uses a QTimer)."""
+        deadline = time.monotonic() + timeout
+        while not (self.worker is not None and self.worker.finished()):
+            self.poll()
+            if time.monotonic() > deadline:
+                self.kill()
+                self.poll()
+                raise TimeoutError(f"the reconstruction did not finish within {timeout:.0f} s")
+            time.sleep(interval)
+        return self.state

@@ -1,0 +1,582 @@
+"""Bring the worker's files into an MRML scene (works with the real MRML classes of ``slicer-core``; no Qt, no app).
+
+Coordinate systems: every file the engine writes is in DICOM patient LPS millimetres (METHOD §3); the MRML scene is
+RAS.  For volumes the image-to-world matrix read from the file (IJK -> LPS) is turned into IJK -> RAS by
+``RAS = diag(-1, -1, 1) · LPS``; mesh points are mapped the same way.  Voxel arrays are never resampled.
+
+One ``SceneUpdater`` handles one run: a preview volume and model that are updated in place at every snapshot, then the
+final volume, surface model, segmentation (threshold adjustable), 4D sequence with a sequence browser and the rendered
+DSA, all under one subject-hierarchy folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import vtk
+
+import slicer
+
+log = logging.getLogger("DRGS4D.scene")
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ATTRIBUTE_RUN = "DRGS4D.run"
+ATTRIBUTE_ROLE = "DRGS4D.role"
+SEGMENT_ID = "vessels"
+VESSEL_COLOR = (0.85, 0.2, 0.2)
+
+
+# ---- matrices ------------------------------------------------------------------------------------------------------
+
+def vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def numpy_matrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def ijk_to_ras_of(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return numpy_matrix(m)
+
+
+def lps_to_ras_matrix(ijk_to_lps: np.ndarray) -> np.ndarray:
+    return LPS_TO_RAS @ np.asarray(ijk_to_lps, dtype=float)
+
+
+# ---- file readers --------------------------------------------------------------------------------------------------
+
+def read_volume_file(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a NIfTI/NRRD/MHA volume: (voxels [k, j, i] as MRML/VTK arrays them, IJK->RAS 4x4).
+
+    SimpleITK (bundled with Slicer) reads the file into LPS physical space; NIfTI through nibabel is the fallback
+    when SimpleITK is missing (nibabel's affine is already RAS).
+    """
+    path = os.fspath(path)
+    try:
+        import SimpleITK as sitk
+    except ImportError:  # pragma: no cover - SimpleITK ships with Slicer
+        sitk = None
+    if sitk is not None:
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)  # [k, j, i] (+ components)
+        dim = image.GetDimension()
+        direction = np.array(image.GetDirection(), dtype=float).reshape(dim, dim)
+        spacing = np.array(image.GetSpacing(), dtype=float)
+        origin = np.array(image.GetOrigin(), dtype=float)
+        if dim == 2:
+            direction = np.pad(direction, ((0, 1), (0, 1)))
+            direction[2, 2] = 1.0
+            spacing = np.append(spacing, 1.0)
+            origin = np.append(origin, 0.0)
+            array = array[None]
+        elif dim != 3:
+            raise ValueError(f"{path}: expected a 3D volume, found {dim} dimensions")
+        ijk_to_lps = np.eye(4)
+        ijk_to_lps[:3, :3] = direction @ np.diag(spacing)
+        ijk_to_lps[:3, 3] = origin
+        return np.ascontiguousarray(array), lps_to_ras_matrix(ijk_to_lps)
+    import nibabel  # pragma: no cover
+
+    image = nibabel.load(path)  # pragma: no cover
+    data = np.asanyarray(image.dataobj)  # pragma: no cover
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0))), np.asarray(image.affine, float)  # pragma: no cover
+
+
+def _declared_space(path: str) -> str:
+    """'RAS' or 'LPS' from a 'SPACE=...' tag in the first bytes of a mesh file (LPS when absent, as in Slicer)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512).decode("latin-1", errors="replace").upper()
+    except OSError:
+        return "LPS"
+    if "SPACE=RAS" in head or "SPACE: RAS" in head:
+        return "RAS"
+    return "LPS"
+
+
+def read_polydata_ras(path: str | os.PathLike) -> vtk.vtkPolyData:
+    """Read a mesh (.vtk legacy, .vtp, .stl, .obj, .ply) and return it in RAS (LPS files are converted)."""
+    path = os.fspath(path)
+    ext = path.lower().rsplit(".", 1)[-1]
+    readers = {"vtk": vtk.vtkPolyDataReader, "vtp": vtk.vtkXMLPolyDataReader, "stl": vtk.vtkSTLReader,
+               "obj": vtk.vtkOBJReader, "ply": vtk.vtkPLYReader}
+    if ext not in readers:
+        raise ValueError(f"{path}: unsupported mesh format '.{ext}'")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    reader = readers[ext]()
+    reader.SetFileName(path)
+    reader.Update()
+    polydata = reader.GetOutput()
+    if polydata is None or polydata.GetNumberOfPoints() == 0:
+        log.warning("%s contains no points", path)
+        polydata = polydata or vtk.vtkPolyData()
+    if _declared_space(path) == "RAS":
+        out = vtk.vtkPolyData()
+        out.DeepCopy(polydata)
+        return out
+    flip = vtk.vtkTransform()
+    flip.Scale(-1.0, -1.0, 1.0)  # LPS -> RAS; a rotation by 180 deg about S, so face orientation is kept
+    transform = vtk.vtkTransformPolyDataFilter()
+    transform.SetTransform(flip)
+    transform.SetInputData(polydata)
+    transform.Update()
+    out = vtk.vtkPolyData()
+    out.DeepCopy(transform.GetOutput())
+    return out
+
+
+def set_volume_from_array(node, array_kji: np.ndarray, ijk_to_ras: np.ndarray) -> None:
+    """Replace voxels and geometry of a volume node in place (the node's vtkImageData object is reused)."""
+    array_kji = np.asarray(array_kji)
+    if array_kji.dtype == np.float64:
+        array_kji = array_kji.astype(np.float32)
+    elif array_kji.dtype == np.int64:
+        array_kji = array_kji.astype(np.int32)
+    elif array_kji.dtype == bool:
+        array_kji = array_kji.astype(np.uint8)
+    wasModifying = node.StartModify()
+    try:
+        node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+        slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array_kji))
+    finally:
+        node.EndModify(wasModifying)
+
+
+def ras_of_voxel(node, ijk) -> np.ndarray:
+    """RAS position (mm) of voxel index (i, j, k) of a volume node."""
+    return (ijk_to_ras_of(node) @ np.append(np.asarray(ijk, float), 1.0))[:3]
+
+
+# ---- the updater ---------------------------------------------------------------------------------------------------
+
+class SceneUpdater:
+    """Streams one run's results into ``scene``.
+
+    Hooks (all optional, called with the node): ``on_preview_volume`` when the preview volume is first created (the
+    panel uses it to show it in the slice views and set up volume rendering), ``on_node_added`` for every node this
+    class creates.
+    """
+
+    def __init__(self, scene, run_name: str = "DRGS4D", run_dir: str | None = None,
+                 segmentations_logic=None, sequences_logic=None, on_preview_volume=None, on_node_added=None):
+        self.scene = scene
+        self.run_name = run_name
+        self.run_dir = run_dir
+        self._seg_logic = segmentations_logic
+        self._seq_logic = sequences_logic
+        self.on_preview_volume = on_preview_volume
+        self.on_node_added = on_node_added
+        self._folder_item = None
+        self.nodes: dict[str, object] = {}
+        self.preview_updates = 0
+        self.last_snapshot_iteration: int | None = None
+        self.outputs: dict = {}
+        self.threshold: float | None = None
+        self._ensure_colors()
+
+    @classmethod
+    def attach(cls, volume_node, segmentation_node=None, **kwargs) -> "SceneUpdater":
+        """An updater for result nodes that already exist (e.g. after the scene was saved and loaded again), so that
+        the threshold and exports work on them.  The subject-hierarchy folder is the volume's parent folder."""
+        scene = volume_node.GetScene()
+        kwargs.setdefault("run_name", volume_node.GetName())
+        kwargs.setdefault("run_dir", volume_node.GetAttribute(ATTRIBUTE_RUN))
+        updater = cls(scene, **kwargs)
+        updater.nodes["volume"] = volume_node
+        if segmentation_node is not None:
+            updater.nodes["segmentation"] = segmentation_node
+            if not segmentation_node.GetSegmentation().GetSegment(SEGMENT_ID):
+                _ = updater.segmentations_logic
+                segmentation_node.GetSegmentation().AddEmptySegment(SEGMENT_ID, "Vessels", list(VESSEL_COLOR))
+        sh = updater.subject_hierarchy
+        item = sh.GetItemByDataNode(volume_node)
+        parent = sh.GetItemParent(item) if item else 0
+        if parent and parent != sh.GetSceneItemID():
+            updater._folder_item = parent
+        return updater
+
+    # -- infrastructure --
+    def _ensure_colors(self) -> None:
+        if self.scene.GetNodeByID("vtkMRMLColorTableNodeGrey") is None:
+            # a bare scene (tests, PythonSlicer) lacks the default color tables that display nodes refer to
+            logic = slicer.vtkMRMLColorLogic()
+            logic.SetMRMLScene(self.scene)
+            self._color_logic = logic
+
+    @property
+    def segmentations_logic(self):
+        if self._seg_logic is None:
+            logic = slicer.vtkSlicerSegmentationsModuleLogic()
+            logic.SetMRMLScene(self.scene)
+            self._seg_logic = logic
+        return self._seg_logic
+
+    @property
+    def sequences_logic(self):
+        if self._seq_logic is None:
+            logic = slicer.vtkSlicerSequencesLogic()
+            logic.SetMRMLScene(self.scene)  # registers the sequence browser node class in a bare scene
+            self._seq_logic = logic
+        return self._seq_logic
+
+    @property
+    def subject_hierarchy(self):
+        return self.scene.GetSubjectHierarchyNode()
+
+    @property
+    def folder_item(self) -> int:
+        """The run's subject-hierarchy folder (created on first use)."""
+        sh = self.subject_hierarchy
+        if self._folder_item is None or not sh.GetItemName(self._folder_item):
+            self._folder_item = sh.CreateFolderItem(sh.GetSceneItemID(), self.run_name)
+            if self.run_dir:
+                sh.SetItemAttribute(self._folder_item, ATTRIBUTE_RUN, str(self.run_dir))
+        return self._folder_item
+
+    def _adopt(self, node, role: str) -> None:
+        """Tag a node with the run and put it in the run's folder."""
+        node.SetAttribute(ATTRIBUTE_ROLE, role)
+        if self.run_dir:
+            node.SetAttribute(ATTRIBUTE_RUN, str(self.run_dir))
+        sh = self.subject_hierarchy
+        item = sh.GetItemByDataNode(node)
+        folder = self.folder_item
+        if not item:
+            sh.CreateItem(folder, node)
+        elif sh.GetItemParent(item) != folder:
+            sh.SetItemParent(item, folder)
+        if self.on_node_added:
+            self.on_node_added(node)
+
+    def _new_node(self, class_name: str, name: str, role: str):
+        node = self.scene.AddNewNodeByClass(class_name, self.scene.GenerateUniqueName(name))
+        if node is None:
+            raise RuntimeError(f"the scene cannot create {class_name}")
+        self._adopt(node, role)
+        self.nodes[role] = node
+        return node
+
+    def node(self, role: str):
+        """The node for a role (preview_volume, preview_model, volume, model, segmentation, labelmap, sequence,
+        sequence_browser, sequence_proxy, renders), or None if it does not exist (any more)."""
+        node = self.nodes.get(role)
+        if node is not None and self.scene.GetNodeByID(node.GetID()) is None:
+            del self.nodes[role]
+            return None
+        return node
+
+    # -- event dispatch --
+    def handle_event(self, event: dict, options: dict | None = None) -> list[str]:
+        """Update the scene for a protocol event; returns the roles that changed."""
+        name = event.get("event")
+        if name == "snapshot":
+            return self.update_preview(event.get("volume"), event.get("mesh"), event.get("iteration"))
+        if name == "done":
+            self.outputs = dict(event.get("outputs") or {})
+            return self.load_outputs(self.outputs, metrics=event.get("metrics") or {}, **(options or {}))
+        return []
+
+    # -- preview --
+    def update_preview(self, volume_path=None, mesh_path=None, iteration=None) -> list[str]:
+        changed = []
+        if volume_path and os.path.isfile(volume_path):
+            array, ijk_to_ras = read_volume_file(volume_path)
+            node = self.node("preview_volume")
+            created = node is None
+            if created:
+                node = self._new_node("vtkMRMLScalarVolumeNode", f"{self.run_name} preview", "preview_volume")
+            set_volume_from_array(node, array, ijk_to_ras)
+            if created:
+                node.CreateDefaultDisplayNodes()
+                display = node.GetDisplayNode()
+                if display is not None:
+                    display.AutoWindowLevelOn()
+                if self.on_preview_volume:
+                    self.on_preview_volume(node)
+            changed.append("preview_volume")
+        elif volume_path:
+            log.warning("snapshot volume %s does not exist", volume_path)
+        if mesh_path and os.path.isfile(mesh_path):
+            polydata = read_polydata_ras(mesh_path)
+            node = self.node("preview_model")
+            if node is None:
+                node = self._new_node("vtkMRMLModelNode", f"{self.run_name} preview surface", "preview_model")
+                node.CreateDefaultDisplayNodes()
+                self._style_model(node, opacity=0.6)
+            node.SetAndObservePolyData(polydata)
+            changed.append("preview_model")
+        elif mesh_path:
+            log.warning("snapshot mesh %s does not exist", mesh_path)
+        if changed:
+            self.preview_updates += 1
+            self.last_snapshot_iteration = iteration
+        return changed
+
+    def _style_model(self, node, opacity: float = 1.0) -> None:
+        display = node.GetDisplayNode()
+        if display is None:
+            return
+        display.SetColor(*VESSEL_COLOR)
+        display.SetOpacity(opacity)
+        display.SetVisibility2D(True)  # show the intersection in slice views
+
+    def remove_node(self, role: str) -> None:
+        """Remove a node and its subject-hierarchy item (a bare scene has no logic that would drop the item)."""
+        node = self.node(role)
+        if node is None:
+            return
+        sh = self.subject_hierarchy
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.RemoveItem(item, True, False)  # removes the data node too
+        if self.scene.GetNodeByID(node.GetID()) is not None:
+            self.scene.RemoveNode(node)
+        self.nodes.pop(role, None)
+
+    def remove_preview(self) -> None:
+        for role in ("preview_volume", "preview_model"):
+            self.remove_node(role)
+
+    # -- final outputs --
+    def load_outputs(self, outputs: dict, metrics: dict | None = None, load_volume: bool = True,
+                     load_model: bool = True, load_segmentation: bool = True, load_sequence: bool = True,
+                     load_renders: bool = True, threshold: float | None = None, keep_preview: bool = False) -> list[str]:
+        """Create the final nodes from a ``done`` event's outputs; returns the roles created."""
+        metrics = dict(metrics or {})  # the done event's summary; iso_level: the level the engine meshed at
+        changed = []
+        volume_path = outputs.get("volume")
+        if load_volume and volume_path and os.path.isfile(volume_path):
+            array, ijk_to_ras = read_volume_file(volume_path)
+            node = self.node("volume") or self._new_node("vtkMRMLScalarVolumeNode", f"{self.run_name} vessels",
+                                                         "volume")
+            set_volume_from_array(node, array, ijk_to_ras)
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().AutoWindowLevelOn()
+            changed.append("volume")
+        mesh_path = outputs.get("mesh_vtk") or outputs.get("mesh_stl")
+        if load_model and mesh_path and os.path.isfile(mesh_path):
+            node = self.node("model") or self._new_node("vtkMRMLModelNode", f"{self.run_name} surface", "model")
+            node.SetAndObservePolyData(read_polydata_ras(mesh_path))
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+                self._style_model(node)
+            changed.append("model")
+        if load_segmentation and (self.node("volume") is not None or outputs.get("segmentation")):
+            iso = _first_number(metrics, ("iso_level", "threshold"))
+            if self._make_segmentation(outputs.get("segmentation"), threshold, iso):
+                changed.append("segmentation")
+        seq_path = outputs.get("volume_4d")
+        if load_sequence and seq_path and os.path.isfile(seq_path):
+            self._load_sequence(seq_path)
+            changed += ["sequence", "sequence_browser"]
+        renders = _volume_file_in(outputs.get("renders"))
+        if load_renders and renders:
+            array, ijk_to_ras = read_volume_file(renders)
+            node = self.node("renders") or self._new_node("vtkMRMLScalarVolumeNode",
+                                                          f"{self.run_name} rendered DSA", "renders")
+            set_volume_from_array(node, array, ijk_to_ras)
+            if node.GetDisplayNode() is None:
+                node.CreateDefaultDisplayNodes()
+                node.GetDisplayNode().AutoWindowLevelOn()
+            changed.append("renders")
+        if changed and not keep_preview:
+            self.remove_preview()
+        return changed
+
+    # -- segmentation --
+    def _segmentation_node(self):
+        node = self.node("segmentation")
+        if node is None:
+            _ = self.segmentations_logic  # a bare scene needs the logic for the representation converters
+            node = self._new_node("vtkMRMLSegmentationNode", f"{self.run_name} segmentation", "segmentation")
+            node.CreateDefaultDisplayNodes()
+            segmentation = node.GetSegmentation()
+            segmentation.AddEmptySegment(SEGMENT_ID, "Vessels", list(VESSEL_COLOR))
+        volume = self.node("volume")
+        if volume is not None:
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        return node
+
+    def _set_segment_mask(self, mask_kji: np.ndarray, ijk_to_ras: np.ndarray) -> int:
+        node = self._segmentation_node()
+        mask = np.ascontiguousarray(np.asarray(mask_kji) > 0, dtype=np.uint8)
+        image = slicer.vtkOrientedImageData()
+        k, j, i = mask.shape
+        image.SetDimensions(i, j, k)
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        from vtk.util import numpy_support
+
+        target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(mask.shape)
+        target[:] = mask
+        image.GetPointData().GetScalars().Modified()
+        image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, node, SEGMENT_ID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        if not ok:
+            raise RuntimeError("could not write the vessel mask into the segmentation")
+        if node.GetSegmentation().ContainsRepresentation("Closed surface"):
+            node.GetSegmentation().CreateRepresentation("Closed surface", True)  # refresh the 3D surface
+        else:
+            node.CreateClosedSurfaceRepresentation()
+        return int(mask.sum())
+
+    def _make_segmentation(self, labelmap_path: str | None, threshold: float | None, iso: float | None) -> bool:
+        """Priority: the panel's threshold, else the engine's labelmap, else its iso level, else a guess."""
+        volume = self.node("volume")
+        if threshold is not None and volume is not None:
+            self.set_threshold(threshold)
+            return True
+        if labelmap_path and os.path.isfile(labelmap_path):
+            mask, ijk_to_ras = read_volume_file(labelmap_path)
+            self._set_segment_mask(mask, ijk_to_ras)
+            self.threshold = iso
+            return True
+        if volume is not None:
+            self.set_threshold(iso if iso is not None else suggest_threshold(slicer.util.arrayFromVolume(volume)))
+            return True
+        return False
+
+    def set_threshold(self, threshold: float) -> int:
+        """Re-segment the final volume at ``threshold`` (1/mm); returns the number of vessel voxels."""
+        volume = self.node("volume")
+        if volume is None:
+            raise RuntimeError("there is no reconstructed volume to threshold yet")
+        array = slicer.util.arrayFromVolume(volume)
+        self.threshold = float(threshold)
+        return self._set_segment_mask(array >= self.threshold, ijk_to_ras_of(volume))
+
+    def export_labelmap(self, name: str | None = None):
+        """Export the vessel segment to a labelmap volume node on the final volume's grid."""
+        seg = self.node("segmentation")
+        if seg is None:
+            raise RuntimeError("there is no segmentation to export")
+        labelmap = self.node("labelmap") or self._new_node("vtkMRMLLabelMapVolumeNode",
+                                                           name or f"{self.run_name} vessels label", "labelmap")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(SEGMENT_ID)
+        reference = self.node("volume")
+        if reference is not None:
+            ok = self.segmentations_logic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, reference)
+        else:
+            ok = self.segmentations_logic.ExportSegmentsToLabelmapNode(seg, ids, labelmap)
+        if not ok:
+            raise RuntimeError("exporting the segmentation to a labelmap failed")
+        return labelmap
+
+    def export_segmentation_files(self, folder: str | os.PathLike, surface_format: str = "STL") -> list[str]:
+        """Write the segmentation as a labelmap NRRD, a .seg.nrrd and a surface mesh (LPS) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        seg = self.node("segmentation")
+        if seg is None:
+            raise RuntimeError("there is no segmentation to export")
+        written = []
+        labelmap = self.export_labelmap()
+        stem = _safe_name(self.run_name)
+        label_path = folder / f"{stem}_vessels_label.nrrd"
+        if _write_node(labelmap, str(label_path), slicer.vtkMRMLVolumeArchetypeStorageNode):
+            written.append(str(label_path))
+        seg_path = folder / f"{stem}_vessels.seg.nrrd"
+        if _write_node(seg, str(seg_path), slicer.vtkMRMLSegmentationStorageNode):
+            written.append(str(seg_path))
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(SEGMENT_ID)
+        before = set(os.listdir(folder))
+        if self.segmentations_logic.ExportSegmentsClosedSurfaceRepresentationToFiles(
+                str(folder), seg, ids, surface_format, True, 1.0, False):
+            written += sorted(str(folder / f) for f in set(os.listdir(folder)) - before)
+        return written
+
+    # -- 4D sequence --
+    def _load_sequence(self, path: str) -> None:
+        logic = self.sequences_logic
+        sequence = self.node("sequence")
+        if sequence is None:
+            sequence = self._new_node("vtkMRMLSequenceNode", f"{self.run_name} 4D", "sequence")
+        else:
+            sequence.RemoveAllDataNodes()
+        storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+        self.scene.AddNode(storage)
+        storage.SetFileName(path)
+        try:
+            if not storage.ReadData(sequence):
+                raise RuntimeError(f"could not read the 4D volume {path}")
+        finally:
+            self.scene.RemoveNode(storage)
+        if not sequence.GetIndexName() or sequence.GetIndexName() in ("frame", ""):
+            sequence.SetIndexName("time")
+        browser = self.node("sequence_browser")
+        if browser is None:
+            browser = self._new_node("vtkMRMLSequenceBrowserNode", f"{self.run_name} 4D browser",
+                                     "sequence_browser")
+            browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+            browser.SetPlaybackLooped(True)
+            browser.SetPlaybackRateFps(8.0)
+        logic.UpdateProxyNodesFromSequences(browser)
+        proxy = browser.GetProxyNode(sequence)
+        if proxy is not None:
+            proxy.SetName(self.scene.GenerateUniqueName(f"{self.run_name} 4D frame"))
+            if proxy.IsA("vtkMRMLDisplayableNode") and proxy.GetDisplayNode() is None:
+                proxy.CreateDefaultDisplayNodes()
+            self._adopt(proxy, "sequence_proxy")
+            self.nodes["sequence_proxy"] = proxy
+
+
+def suggest_threshold(array: np.ndarray) -> float:
+    """A default vessel threshold when the engine gave none: half the 99.9th percentile of positive values."""
+    positive = np.asarray(array)[np.asarray(array) > 0]
+    if positive.size == 0:
+        return 0.0
+    return float(0.5 * np.percentile(positive, 99.9))
+
+
+def _first_number(d: dict, keys) -> float | None:
+    for key in keys:
+        value = d.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _volume_file_in(path) -> str | None:
+    """``path`` if it is a volume file; the first volume file inside it if it is a folder."""
+    if not path:
+        return None
+    p = Path(path)
+    suffixes = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+    if p.is_file():
+        return str(p) if str(p).lower().endswith(suffixes) else None
+    if p.is_dir():
+        for candidate in sorted(p.iterdir()):
+            if candidate.is_file() and candidate.name.lower().endswith(suffixes):
+                return str(candidate)
+    return None
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "DRGS4D"
+
+
+def _write_node(node, path: str, storage_class) -> bool:
+    scene = node.GetScene()
+    storage = storage_class()
+    scene.AddNode(storage)
+    try:
+        storage.SetFileName(path)
+        if hasattr(storage, "SetUseCompression"):
+            storage.SetUseCompression(1)
+        return bool(storage.WriteData(node))
+    finally:
+        scene.RemoveNode(storage)
