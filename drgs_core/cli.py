@@ -92,7 +92,12 @@ def cmd_phantom(a) -> int:
         over["volume_resolution"] = (a.volume,) * 3
         over["volume_spacing"] = (box / a.volume,) * 3
     cfg = preset(a.preset, **over)
-    ph = make_phantom(cfg)
+    from tqdm import tqdm
+
+    with tqdm(total=cfg.n_frames, desc="simulating frames", unit="frame", file=sys.stderr) as bar:
+        ph = make_phantom(cfg, on_frame=lambda k, n: bar.update(1 if k else 0))
+        bar.update(bar.total - bar.n)
+    print("writing the case folder and ground truth ...", file=sys.stderr)
     write_phantom(ph, a.out)
     case = ph.case
     print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "

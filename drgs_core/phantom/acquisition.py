@@ -82,7 +82,7 @@ def patient_motion(config):
     return rotation_matrix_xyz(config.motion_rotation_deg), np.asarray(config.motion_shift_mm, np.float64)
 
 
-def simulate_runs(config, geometry: ConeBeamGeometry, field: VesselField, ellipsoids, times):
+def simulate_runs(config, geometry: ConeBeamGeometry, field: VesselField, ellipsoids, times, on_frame=None):
     """Simulate both runs.  Returns dict of numpy [N, H, W]: fill, mask (float32 counts), dsa (float32, clipped
     log-subtraction of the noisy runs), clean_dsa (float32, noise/scatter/motion-free vessel signal)."""
     device = field.device
@@ -97,6 +97,8 @@ def simulate_runs(config, geometry: ConeBeamGeometry, field: VesselField, ellips
     mask = np.empty((N, H, W), np.float32)
     clean = np.empty((N, H, W), np.float32)
     for k in range(N):
+        if on_frame is not None:
+            on_frame(k, N)
         d = subpixel_directions(geometry, k, n_sub, device)
         src = torch.as_tensor(geometry.source_positions([k])[0], dtype=torch.float64, device=device)
         V = field.frame_integrals(geometry, k, float(times[k]), d)

@@ -185,16 +185,19 @@ def _mesh(field: VesselField, grid: VolumeGrid, capsules: torch.Tensor, factor: 
     return verts, faces
 
 
-def make_phantom(config: PhantomConfig | str = "demo") -> Phantom:
-    """Generate the phantom described by `config` (a :class:`PhantomConfig` or a preset name)."""
+def make_phantom(config: PhantomConfig | str = "demo", on_frame=None) -> Phantom:
+    """Generate the phantom described by `config` (a :class:`PhantomConfig` or a preset name).
+
+    on_frame(k, n): optional progress callback, called before frame k of n is simulated.
+    """
     if isinstance(config, str):
         config = PhantomConfig.preset(config)
     config.validate()
     with torch_threads(config.threads):
-        return _make_phantom(config)
+        return _make_phantom(config, on_frame)
 
 
-def _make_phantom(config: PhantomConfig) -> Phantom:
+def _make_phantom(config: PhantomConfig, on_frame=None) -> Phantom:
     tick = time.perf_counter()
     timings = {}
     grid = VolumeGrid(config.volume_resolution, config.volume_spacing)
@@ -208,7 +211,7 @@ def _make_phantom(config: PhantomConfig) -> Phantom:
     timings["tree_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    runs = simulate_runs(config, geometry, field_, ellipsoids, times)
+    runs = simulate_runs(config, geometry, field_, ellipsoids, times, on_frame)
     timings["projection_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
