@@ -106,39 +106,12 @@ def cmd_phantom(a) -> int:
 
 
 def cmd_fdk(a) -> int:
-    import numpy as np
-    import torch
+    from .pipeline import run_fdk
 
-    from .ct import fdk
-    from .geometry import view_indices
-    from .io import read_case, write_volume
-    from .metrics import robust_iso_level
-    from .model.serialize import save_json
-    from .pipeline import resolve_device
-
-    device = resolve_device(a.device)
-    t0 = time.perf_counter()
-    case = read_case(a.case)
-    idx = view_indices(case.n_frames, a.views)
-    proj = torch.as_tensor(case.dsa[idx], device=device)
-    t1 = time.perf_counter()
-    vol = fdk(proj, case.geometry.subset(idx), case.grid).clamp_min(0).cpu().numpy()
-    t_fdk = time.perf_counter() - t1
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_volume(out / "volume.nii.gz", vol, case.grid)
-    level = float(a.iso_level) if a.iso_level is not None else float(robust_iso_level(vol))
-    metrics = {"method": "FDK", "views": int(a.views), "fdk_s": t_fdk, "total_s": time.perf_counter() - t0,
-               "iso_level": level, "device": str(device)}
-    truth = Path(a.case) / "truth"
-    if (truth / "volume.nii.gz").exists():
-        from .evaluate import evaluate_volume
-
-        metrics["truth"] = evaluate_volume(vol, case.grid, level, truth)
-    save_json(out / "metrics.json", metrics)
-    row = {"method": "FDK", "time_s": t_fdk, **metrics.get("truth", {})}
+    metrics = run_fdk(a.case, a.out, views=a.views, device=a.device, iso_level=a.iso_level)
+    row = {"method": "FDK", "time_s": metrics["fdk_s"], **metrics.get("truth", {})}
     print(format_table([row], SUMMARY_COLUMNS))
-    print(f"volume: {out / 'volume.nii.gz'}  metrics: {out / 'metrics.json'}")
+    print(f"volume: {Path(a.out) / 'volume.nii.gz'}  metrics: {Path(a.out) / 'metrics.json'}")
     return 0
 
 

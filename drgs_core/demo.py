@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .ct import fdk
-from .evaluate import evaluate_volume
 from .geometry import view_indices
-from .io import read_case, read_stack, read_volume, write_volume
-from .metrics import robust_iso_level
+from .io import read_case, read_stack, read_volume
 from .model.serialize import load_model, save_json
-from .pipeline import ReconstructConfig, resolve_device, run_reconstruction
+from .pipeline import ReconstructConfig, run_fdk, run_reconstruction
 from .render.common import quaternion_to_rotation
 
 
@@ -31,21 +27,10 @@ def run_demo(out: Path, device: str = "auto", views: int = 30, seed: int = 0, qu
     ph = make_phantom(phantom_preset("demo", seed=seed))
     write_phantom(ph, case_dir)
     case = read_case(case_dir)
-    truth = case_dir / "truth"
     rows = []
 
-    t0 = time.perf_counter()
-    dev = resolve_device(device)
-    idx = view_indices(case.n_frames, views)
-    fdk_vol = fdk(torch.as_tensor(case.dsa[idx], device=dev), case.geometry.subset(idx), case.grid)
-    fdk_vol = fdk_vol.clamp_min(0).cpu().numpy()
-    t_fdk = time.perf_counter() - t0
-    (out / "fdk").mkdir(exist_ok=True)
-    write_volume(out / "fdk" / "volume.nii.gz", fdk_vol, case.grid)
-    fdk_metrics = {"method": "FDK", "time_s": t_fdk,
-                   **evaluate_volume(fdk_vol, case.grid, float(robust_iso_level(fdk_vol)), truth)}
-    save_json(out / "fdk" / "metrics.json", fdk_metrics)
-    rows.append(fdk_metrics)
+    fdk_metrics = run_fdk(case_dir, out / "fdk", views=views, device=device)
+    rows.append({"method": "FDK", "time_s": fdk_metrics["fdk_s"], **fdk_metrics["truth"]})
 
     for name, static in (("static", True), ("4drgs", False)):
         cfg = ReconstructConfig(out=str(out / name), case=str(case_dir), views=views, device=device, seed=seed,
@@ -56,7 +41,7 @@ def run_demo(out: Path, device: str = "auto", views: int = 30, seed: int = 0, qu
         rows.append({"method": "4DRGS static field" if static else "4DRGS", "time_s": m["total_s"],
                      "heldout_psnr": m["heldout_psnr"], "heldout_ssim": m["heldout_ssim"], **m["truth"]})
     save_json(out / "summary.json", rows)
-    figure = make_figure(out, case, ph, idx)
+    figure = make_figure(out, case, ph, view_indices(case.n_frames, views))
     return rows, figure
 
 

@@ -23,7 +23,7 @@ from .errors import DRGSInputError
 from .geometry import held_out_indices, view_indices
 from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
-from .metrics import mesh_from_volume, psnr_ssim_2d, vessel_iso_level
+from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
@@ -275,8 +275,9 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
             verts, faces = mesh_from_volume(vol, grid, level)
             write_mesh(mpath, verts, faces)
             result["mesh"] = str(mpath)
-        for old in sorted(snap.glob("*_*.*"))[:-4]:  # keep the latest two snapshots
-            old.unlink(missing_ok=True)
+        for old in snap.glob("*_*.*"):  # keep the files of the latest two snapshots
+            if int(old.name.split("_")[1].split(".")[0]) < it - cfg.snapshot_every:
+                old.unlink(missing_ok=True)
         return result
 
     with timer("train"):
@@ -359,6 +360,35 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     outputs["metrics"] = str(out / "metrics.json")
     emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
     return {"status": "done", "outputs": outputs, "metrics": metrics}
+
+
+def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None) -> dict:
+    """Classical baseline: FDK from `views` evenly spaced frames -> out/volume.nii.gz and out/metrics.json.
+
+    The iso-level (for the evaluation surface of a phantom) defaults to `robust_iso_level`, which separates the
+    vessels from FDK's streak haze.  Returns the metrics (with a "truth" section for phantom cases).
+    """
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    case = read_case(case_path)
+    idx = view_indices(case.n_frames, views)
+    proj = torch.as_tensor(case.dsa[idx], device=dev)
+    t1 = time.perf_counter()
+    vol = fdk(proj, case.geometry.subset(idx), case.grid).clamp_min(0).cpu().numpy()
+    t_fdk = time.perf_counter() - t1
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_volume(out / "volume.nii.gz", vol, case.grid)
+    level = float(iso_level) if iso_level is not None else float(robust_iso_level(vol))
+    metrics = {"method": "FDK", "views": int(views), "fdk_s": t_fdk, "total_s": time.perf_counter() - t0,
+               "iso_level": level, "device": str(dev)}
+    truth = Path(case_path) / "truth"
+    if (truth / "volume.nii.gz").exists():
+        from .evaluate import evaluate_volume
+
+        metrics["truth"] = evaluate_volume(vol, case.grid, level, truth)
+    save_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def _truth_dir(cfg: ReconstructConfig) -> Path | None:

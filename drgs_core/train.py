@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -23,7 +22,7 @@ from .errors import DRGSInputError
 from .io.atomic import atomic_path
 from .metrics import ssim
 from .model.density import DensityStats, densify_and_prune
-from .model.gaussians import PARAM_NAMES, GaussianModel
+from .model.gaussians import GaussianModel
 from .render import rasterize
 
 log = logging.getLogger(__name__)

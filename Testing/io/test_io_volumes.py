@@ -8,7 +8,6 @@ import SimpleITK as sitk
 import torch
 
 from drgs_core.errors import DRGSInputError
-from drgs_core.geometry import VolumeGrid
 from drgs_core.io import (read_sequence_nrrd, read_volume, write_labelmap, write_sequence_nrrd, write_stack,
                           write_volume)
 
