@@ -163,16 +163,27 @@ def cmd_reconstruct(a) -> int:
 
     cfg = _reconstruct_config(a)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def request_stop(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+        stop.set()
+        print("\nstopping after the current iteration and saving a checkpoint "
+              "(Ctrl-C again to stop at once) ...", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = run_reconstruction(cfg, on_event=ProgressPrinter(quiet=a.quiet), should_stop=stop.is_set)
     except KeyboardInterrupt:
-        print("interrupted; run again with --resume to continue from the last checkpoint", file=sys.stderr)
+        print("interrupted; --resume continues from the last periodic checkpoint", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if result["status"] == "cancelled":
-        print(f"stopped; checkpoint kept at {result['outputs']['checkpoint']} (continue with --resume)")
+        ckpt = result["outputs"].get("checkpoint")
+        print(f"stopped; checkpoint kept at {ckpt} (continue with --resume)" if ckpt
+              else "stopped before training started; nothing to resume")
         return 3
     m = result["metrics"]
     row = {"method": "4DRGS-static" if cfg.static_field else "4DRGS", "time_s": m["total_s"],

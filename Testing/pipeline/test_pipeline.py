@@ -108,3 +108,23 @@ def test_bad_inputs_raise_actionable_errors(phantom_dir, tmp_path):
         ReconstructConfig.from_dict({"out": "x", "case": "y", "viewz": 3})
     r = _cli("reconstruct", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--device", "cpu")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_stops_the_cli_with_a_resumable_checkpoint(phantom_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "drgs_core.cli", "reconstruct", str(phantom_dir), "--out",
+                             str(out), "--device", "cpu", "--preset", "tiny", "--iterations", "100000",
+                             "--views", "10", "--checkpoint-every", "5", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "checkpoint kept" in stdout
+    state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert 0 < state["iteration"] < 100000
