@@ -295,6 +295,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         mean_rho = model.mean_rho(all_times)
         vol_t = voxelize(model.means, model.scales, model.rotations, mean_rho, grid)
         vol = vol_t.cpu().numpy()
+    emit({"event": "progress", "stage": "mesh", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
+          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
     with timer("mesh"):
         level = float(cfg.iso_level) if cfg.iso_level is not None else float(vessel_iso_level(vol))
         if not (level > 0 and vol.max() > level):

@@ -139,8 +139,9 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, state: TrainState,
-                    cfg: TrainConfig) -> None:
+                    cfg: TrainConfig, n_train: int) -> None:
     payload = {
+        "n_train": n_train,
         "model": model.state_dict(),
         "static": model.static,
         "optimizer": opt.state_dict(),
@@ -152,8 +153,18 @@ def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, 
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device) -> tuple:
+def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, n_train: int) -> tuple:
     payload = torch.load(path, map_location=device, weights_only=False)
+    saved = payload.get("train_config", {})
+    changed = [k for k in ("schedule", "iterations", "densify_until", "seed") if saved.get(k) != getattr(cfg, k)]
+    if payload.get("n_train") != n_train:
+        changed.append(f"the number of training views ({payload.get('n_train')} vs {n_train})")
+    if changed:
+        raise DRGSInputError(f"the checkpoint {path} belongs to a different run",
+                             "differs in " + ", ".join(changed),
+                             "the same views, schedule, iterations and seed as the run that wrote it",
+                             "resume with the original settings, or start afresh without --resume "
+                             "(or with another --out)")
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
     opt = make_optimizer(model, cfg)
@@ -191,7 +202,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device)
+        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train)
         rng.bit_generator.state = state.rng
         torch.set_rng_state(state.torch_rng.cpu())
         if state.cuda_rng is not None and device.type == "cuda":
@@ -207,7 +218,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
             state.rng = rng.bit_generator.state
             state.torch_rng = torch.get_rng_state()
             state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg)
+            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg, n_train)
 
     while state.iteration < cfg.iterations:
         if stop():

@@ -128,3 +128,13 @@ def test_ctrl_c_stops_the_cli_with_a_resumable_checkpoint(phantom_dir, tmp_path)
     assert "checkpoint kept" in stdout
     state = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
     assert 0 < state["iteration"] < 100000
+
+
+def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(phantom_dir, tmp_path):
+    base = dict(out=str(tmp_path / "r"), case=str(phantom_dir), device="cpu", preset="tiny", iterations=20,
+                times_4d=2)
+    run_reconstruction(ReconstructConfig(views=10, **base), should_stop=lambda: False)
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    with pytest.raises(DRGSInputError, match="different run"):
+        run_reconstruction(ReconstructConfig(views=12, resume=True, **base))
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
