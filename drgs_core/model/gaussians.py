@@ -78,14 +78,12 @@ class GaussianModel(nn.Module):
         return self.field(self.normalised_positions(), t) * self.rho_scale
 
     @torch.no_grad()
-    def mean_rho(self, times, chunk: int = 16) -> torch.Tensor:
-        """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7)."""
+    def mean_rho(self, times) -> torch.Tensor:
+        """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7); h3D is evaluated once."""
         if self.static:
             return self.rho(0.0).detach()
-        acc = torch.zeros(self.n, device=self.means.device)
-        for t in times:
-            acc += self.rho(float(t))
-        return acc / max(len(times), 1)
+        times = torch.as_tensor(np.asarray(times, dtype=np.float32), device=self.means.device)
+        return self.field.forward_times(self.normalised_positions(), times).mean(0) * self.rho_scale
 
     # ---- initialisation --------------------------------------------------------------------
     @torch.no_grad()
