@@ -108,7 +108,8 @@ def cmd_phantom(a) -> int:
 def cmd_fdk(a) -> int:
     from .pipeline import run_fdk
 
-    metrics = run_fdk(a.case, a.out, views=a.views, device=a.device, iso_level=a.iso_level)
+    metrics = run_fdk(a.case, a.out, views=a.views, device=a.device, iso_level=a.iso_level,
+                      use_secondary_angle=not a.ignore_secondary_angle)
     row = {"method": "FDK", "time_s": metrics["fdk_s"], **metrics.get("truth", {})}
     print(format_table([row], SUMMARY_COLUMNS))
     print(f"volume: {Path(a.out) / 'volume.nii.gz'}  metrics: {Path(a.out) / 'metrics.json'}")
@@ -150,6 +151,7 @@ def _reconstruct_config(a):
             "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
             "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
+    d["use_secondary_angle"] = not a.ignore_secondary_angle
     if "init_threshold" in d and d["init_threshold"] != "auto":
         d["init_threshold"] = float(d["init_threshold"])
     return ReconstructConfig.from_dict(d)
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder (volume.nii.gz, metrics.json)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--iso-level", type=float, help="iso-level for the evaluation surface (default: robust automatic)")
+    s.add_argument("--ignore-secondary-angle", action="store_true",
+                   help="treat each frame's SecondaryAngle as 0, as the reference implementation does")
     s.set_defaults(func=cmd_fdk)
 
     s = sub.add_parser("evaluate", help="evaluate a result folder against ground truth or a reference mesh")
@@ -259,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-levels", type=int, help="hash-grid levels (default 12)")
     s.add_argument("--log2-table-size", type=int, help="hash table size per level, log2 (default 19)")
     s.add_argument("--static-field", action="store_true", help="ablation: static per-Gaussian attenuation")
+    s.add_argument("--ignore-secondary-angle", action="store_true",
+                   help="treat each frame's SecondaryAngle as 0, as the reference implementation does")
     s.add_argument("--iso-level", type=float, help="marching-cubes level (default: robust automatic)")
     s.add_argument("--times-4d", type=int, help="time points in volume_4d.seq.nrrd (default 8)")
     s.add_argument("--cine-frame", type=int, help="frame whose view is used for the fixed-view cine (default 0)")

@@ -70,6 +70,7 @@ class ReconstructConfig:
     progress_every: int = 50
     resume: bool = False
     densify_until: int | None = None
+    use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -128,8 +129,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_case(cfg: ReconstructConfig):
     if cfg.case is not None:
-        return read_case(cfg.case)
-    return read_runs(cfg.fill, cfg.mask, cfg.geometry)
+        return read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
+    return read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
 
 
 def _sync(device):
@@ -364,7 +365,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     return {"status": "done", "outputs": outputs, "metrics": metrics}
 
 
-def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None) -> dict:
+def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None,
+            use_secondary_angle: bool = True) -> dict:
     """Classical baseline: FDK from `views` evenly spaced frames -> out/volume.nii.gz and out/metrics.json.
 
     The iso-level (for the evaluation surface of a phantom) defaults to `robust_iso_level`, which separates the
@@ -372,7 +374,7 @@ def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: fl
     """
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    case = read_case(case_path)
+    case = read_case(case_path, use_secondary=use_secondary_angle)
     idx = view_indices(case.n_frames, views)
     proj = torch.as_tensor(case.dsa[idx], device=dev)
     t1 = time.perf_counter()
