@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -158,22 +159,18 @@ def calibrate_initial_attenuation(model: GaussianModel, dsa: torch.Tensor, camer
 
 
 class _Timer:
+    """Wall time per stage (seconds, summed), with the GPU synchronised so that stages are not mixed up."""
+
     def __init__(self, device):
         self.device, self.times = device, {}
 
+    @contextmanager
     def __call__(self, name):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                _sync(timer.device)
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                _sync(timer.device)
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Ctx()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -311,8 +308,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         # a fixed-view cine over all frame times.  GPU work first, then all files written in parallel
         # (compression and file I/O release the GIL).
         t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
-        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, model.rho(float(t)), grid)
-                          .cpu().numpy() for t in t4])
+        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, rho_t, grid).cpu().numpy()
+                          for rho_t in model.rho_at_times(t4)])
         renders = render_frames(model, geometry, range(n), all_times, device)
         cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
         spacing = geometry.detector_spacing

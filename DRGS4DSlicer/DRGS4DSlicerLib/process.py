@@ -235,20 +235,24 @@ class WorkerProcess:
         return None if self.proc is None else self.proc.pid
 
     # -- reader threads --
-    def _read_stdout(self) -> None:
+    @staticmethod
+    def _read_lines(stream, on_line) -> None:
+        """Call on_line for every complete line of a pipe until it closes, then for a last partial line."""
         buf = protocol.LineBuffer()
-        stream = self.proc.stdout
         try:
             while True:
                 chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
                 if not chunk:
                     break
                 for line in buf.feed(chunk):
-                    self._handle_line(line)
+                    on_line(line)
         except (OSError, ValueError):
             pass
         for line in buf.flush():
-            self._handle_line(line)
+            on_line(line)
+
+    def _read_stdout(self) -> None:
+        self._read_lines(self.proc.stdout, self._handle_line)
 
     def _handle_line(self, line: str) -> None:
         parsed = protocol.parse_line(line)
@@ -265,21 +269,11 @@ class WorkerProcess:
             self.events.put({"event": "output", "line": parsed.text})
 
     def _read_stderr(self) -> None:
-        buf = protocol.LineBuffer()
-        stream = self.proc.stderr
-        try:
-            while True:
-                chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
-                if not chunk:
-                    break
-                for line in buf.feed(chunk):
-                    self.stderr_tail.append(line)
-                    self.events.put({"event": "log", "line": line})
-        except (OSError, ValueError):
-            pass
-        for line in buf.flush():
-            self.stderr_tail.append(line)
-            self.events.put({"event": "log", "line": line})
+        self._read_lines(self.proc.stderr, self._handle_log_line)
+
+    def _handle_log_line(self, line: str) -> None:
+        self.stderr_tail.append(line)
+        self.events.put({"event": "log", "line": line})
 
     # -- state --
     def is_running(self) -> bool:

@@ -78,12 +78,16 @@ class GaussianModel(nn.Module):
         return self.field(self.normalised_positions(), t) * self.rho_scale
 
     @torch.no_grad()
-    def mean_rho(self, times) -> torch.Tensor:
-        """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7); h3D is evaluated once."""
+    def rho_at_times(self, times) -> torch.Tensor:
+        """rho_i(t) for every time in `times` [T] -> [T, P] (1/mm); h3D is evaluated once."""
         if self.static:
-            return self.rho(0.0).detach()
+            return self.rho(0.0).detach().expand(len(times), self.n)
         times = torch.as_tensor(np.asarray(times, dtype=np.float32), device=self.means.device)
-        return self.field.forward_times(self.normalised_positions(), times).mean(0) * self.rho_scale
+        return self.field.forward_times(self.normalised_positions(), times) * self.rho_scale
+
+    def mean_rho(self, times) -> torch.Tensor:
+        """Mean of rho_i(t) over the given times [T] -> [P] (METHOD §7)."""
+        return self.rho_at_times(times).mean(0)
 
     # ---- initialisation --------------------------------------------------------------------
     @torch.no_grad()

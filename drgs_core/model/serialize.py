@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..geometry import VolumeGrid
-from ..io.atomic import atomic_path
+from ..io.atomic import atomic_path, write_bytes_atomic, write_text_atomic
 from .gaussians import GaussianModel
 
 
@@ -22,10 +22,7 @@ def write_gaussians_ply(path, model: GaussianModel, mean_rho: torch.Tensor) -> N
     names = ["x", "y", "z", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3", "rho"]
     header = ["ply", "format binary_little_endian 1.0", "comment DRGS4D radiative Gaussians, world LPS mm",
               f"element vertex {data.shape[0]}"] + [f"property float {n}" for n in names] + ["end_header"]
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(("\n".join(header) + "\n").encode("ascii"))
-            f.write(np.ascontiguousarray(data).tobytes())
+    write_bytes_atomic(path, ("\n".join(header) + "\n").encode("ascii") + np.ascontiguousarray(data).tobytes())
 
 
 def read_gaussians_ply(path) -> dict:
@@ -66,8 +63,7 @@ def load_model(run_dir, device="cpu") -> GaussianModel:
 
 
 def save_json(path, obj) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, default=_jsonable))
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable))
 
 
 def _jsonable(o):
