@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import numpy as np
 import torch
@@ -59,12 +58,10 @@ def bench_raster(ext, P, det, bw, quick):
 
     with torch.no_grad():
         res = fwd()
-    # work model from the forward's own bookkeeping
-    cam_rt = cuda_backend.camera_tensor(cam, "cuda")
-    out = ext.raster_forward(means, scales, rots, rho, torch.empty(0, device="cuda"), cam_rt, cam.fx, cam.fy, cam.cx,
-                             cam.cy, W, H, False)
-    n_pairs = int(out[7])
-    box = out[6].view(-1, 4).long()
+    n_pairs = int(res.n_pairs)
+    geom = cuda_backend._ext().raster_forward(means, scales, rots, rho, torch.empty(0, device="cuda"),
+                                             cam.pack("cuda").params, W, H, 0, False)
+    box = geom[6].view(-1, 4).long()
     area = ((box[:, 2] - box[:, 0] + 1).clamp(min=0) * (box[:, 3] - box[:, 1] + 1).clamp(min=0)).sum().item()
     vis = int(res.visible.sum())
     t_f = cuda_time_ms(lambda: fwd(), repeat=rep)["median"]
@@ -81,10 +78,9 @@ def bench_raster(ext, P, det, bw, quick):
 
     t_fb = cuda_time_ms(fwd_bwd, repeat=rep)["median"]
     t_b = t_fb - t_f
-    # backward bytes: grad image (once), saved geometry + box per chunk, inputs re-read, 5 grads out,
-    # 6 doubles per chunk written and read back.
-    n_chunks = math.ceil(area / 256) if area else 0
-    bytes_b = H * W * 4 + vis * (40 + 48) + P * 11 * 4 + P * 13 * 4 + n_chunks * 48 * 2
+    # backward bytes: grad image (once), pair key/id + saved geometry and box per pair, inputs re-read,
+    # 5 grads out, 6 doubles per pair written and read back.
+    bytes_b = H * W * 4 + n_pairs * (8 + 40) + P * 11 * 4 + P * 13 * 4 + n_pairs * 48 * 2
     flops_b = area * 25 + P * 1500
     rows.append(row(f"raster bwd P={P // 1000}k {det}^2 (visible {vis // 1000}k, footprint px {area / 1e6:.1f}M)",
                     t_b, bytes_b, flops_b, bw))

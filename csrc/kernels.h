@@ -10,12 +10,12 @@
 namespace drgs {
 
 constexpr int kRasterTile = 16;      // rasteriser tile edge (pixels)
-constexpr int kRasterChunk = 256;    // pixels per backward chunk
 constexpr int kVoxelBrick = 8;       // voxeliser brick edge (voxels)
 
+// Camera parameters live in device memory (16 doubles: R row-major world -> camera, T mm, fx, fy, cx, cy
+// pixels) so that one captured CUDA graph can render any view: only the buffer's contents change.
 struct RasterCam {
-    const double* RT;  // device pointer: R (9, row-major, world -> camera) then T (3), mm
-    double fx, fy, cx, cy;
+    const double* params;
     int width, height;
 };
 
@@ -23,26 +23,28 @@ struct RasterCam {
 size_t sort_pairs_temp_bytes(int n, int bits);
 cudaError_t sort_pairs(void* temp, size_t temp_bytes, const int* keys_in, int* keys_out, const int* vals_in,
                        int* vals_out, int n, int bits, cudaStream_t stream);
-// ranges: int2 per key, must be zeroed; receives [first, last) of each key in the sorted keys.
-cudaError_t key_ranges(const int* sorted_keys, int64_t n, int* ranges, cudaStream_t stream);
+// ranges: int2 per key, must be zeroed; receives [first, last) of each key < n_keys in the sorted keys
+// (keys >= n_keys are padding and are ignored).
+cudaError_t key_ranges(const int* sorted_keys, int64_t n, int n_keys, int* ranges, cudaStream_t stream);
 
 // ---- rasteriser (raster.cu).  geom0: float4 (u, v, A, r); geom1: float2 (D, w); box: int4 (x0, y0, x1, y1).
+// The (tile, Gaussian) pair list has a fixed capacity; `total` (device) is the number of pairs wanted, of
+// which min(total, capacity) are stored: the pairs of Gaussian i are [offsets[i] - touched[i], offsets[i]).
 cudaError_t raster_preprocess(int P, const float* means, const float* scales, const float* rots, const float* rho,
                               const float* uvoff, RasterCam cam, float* geom0, float* geom1, int* box, int* radii,
                               bool* visible, float* centres, int* tiles_touched, cudaStream_t stream);
-cudaError_t raster_emit_pairs(int P, const int* box, const int* counts, const int64_t* offsets, int tiles_x,
-                              int* keys, int* vals, cudaStream_t stream);
+cudaError_t raster_emit_pairs(int P, const int* box, const int* touched, const int64_t* offsets, int tiles_x,
+                              int64_t capacity, int* keys, int* vals, cudaStream_t stream);
 cudaError_t raster_render(int width, int height, const int* ranges, const int* ids, const float* geom0,
                           const float* geom1, const int* box, float* image, cudaStream_t stream);
-cudaError_t raster_chunk_count(int P, const int* box, int* counts, cudaStream_t stream);
-cudaError_t raster_emit_chunks(int P, const int* counts, const int64_t* offsets, int* owner, cudaStream_t stream);
-cudaError_t raster_backward_pixels(int64_t n_chunks, int width, const float* grad_image, const int* owner,
-                                   const float* geom0, const float* geom1, const int* box, double* partial,
-                                   cudaStream_t stream);
+cudaError_t raster_backward_pairs(int64_t capacity, const int64_t* total, int tiles_x, int width,
+                                  const float* grad_image, const int* keys, const int* vals, const float* geom0,
+                                  const float* geom1, const int* box, double* partial, cudaStream_t stream);
 cudaError_t raster_backward_gaussians(int P, const float* means, const float* scales, const float* rots,
-                                      const float* rho, const float* uvoff, RasterCam cam, const int* counts,
-                                      const int64_t* offsets, const double* partial, float* g_means, float* g_scales,
-                                      float* g_rots, float* g_rho, float* g_uv, cudaStream_t stream);
+                                      const float* rho, const float* uvoff, RasterCam cam, const int* touched,
+                                      const int64_t* offsets, int64_t capacity, const double* partial,
+                                      float* g_means, float* g_scales, float* g_rots, float* g_rho, float* g_uv,
+                                      cudaStream_t stream);
 
 // ---- voxeliser (voxel.cu)
 struct VoxelGridArgs {

@@ -39,19 +39,20 @@ int64_t inclusive_offsets(const torch::Tensor& counts, torch::Tensor& offsets) {
     return offsets[-1].item<int64_t>();
 }
 
-// Stable sort of (key, value) int32 pairs by key, then ranges[key] = [first, last) (ranges zeroed first).
+// Stable sort of (key, value) int32 pairs by key, then ranges[key] = [first, last) (ranges zeroed first);
+// keys >= n_keys are padding: they sort last and get no range.
 torch::Tensor sort_and_range(const torch::Tensor& keys, const torch::Tensor& vals, int64_t n_keys,
                              torch::Tensor& ranges, cudaStream_t stream) {
     const int64_t n = keys.numel();
     TORCH_CHECK(n < (int64_t(1) << 31) - 1, "too many (bin, Gaussian) pairs for one sort: ", n);
     auto keys_out = torch::empty_like(keys);
     auto vals_out = torch::empty_like(vals);
-    const int bits = key_bits(n_keys);
+    const int bits = key_bits(n_keys + 1);
     const size_t bytes = sort_pairs_temp_bytes((int)n, bits);
     auto temp = torch::empty({(int64_t)bytes + 16}, keys.options().dtype(torch::kUInt8));
     DRGS_CUDA(sort_pairs(temp.data_ptr(), bytes, keys.data_ptr<int>(), keys_out.data_ptr<int>(), vals.data_ptr<int>(),
                          vals_out.data_ptr<int>(), (int)n, bits, stream));
-    DRGS_CUDA(key_ranges(keys_out.data_ptr<int>(), n, ranges.data_ptr<int>(), stream));
+    DRGS_CUDA(key_ranges(keys_out.data_ptr<int>(), n, (int)n_keys, ranges.data_ptr<int>(), stream));
     return vals_out;
 }
 
@@ -69,25 +70,28 @@ void check_gaussians(const torch::Tensor& means, const torch::Tensor& scales, co
     TORCH_CHECK(P < (int64_t(1) << 31), "too many Gaussians");
 }
 
-void check_camera(const torch::Tensor& means, const torch::Tensor& uvoff, const torch::Tensor& cam_rt) {
+void check_camera(const torch::Tensor& means, const torch::Tensor& uvoff, const torch::Tensor& camera,
+                  int64_t width, int64_t height) {
     if (uvoff.numel() > 0) {
         DRGS_CHECK_INPUT(uvoff);
         TORCH_CHECK(uvoff.dim() == 2 && uvoff.size(0) == means.size(0) && uvoff.size(1) == 2, "means2d must be [P, 2]");
     }
-    DRGS_CHECK_CUDA_TENSOR(cam_rt);
-    TORCH_CHECK(cam_rt.is_contiguous() && cam_rt.scalar_type() == torch::kFloat64 && cam_rt.numel() == 12,
-                "camera must be a contiguous float64 [12] tensor (R row-major, then T)");
+    DRGS_CHECK_CUDA_TENSOR(camera);
+    TORCH_CHECK(camera.is_contiguous() && camera.scalar_type() == torch::kFloat64 && camera.numel() == 16,
+                "camera must be a contiguous float64 [16] tensor (R row-major, T, fx, fy, cx, cy)");
+    TORCH_CHECK(width > 0 && height > 0 && width * height < (int64_t(1) << 31), "bad image size");
 }
 
 }  // namespace
 
+// capacity > 0: the pair list holds that many pairs and nothing waits for the GPU (CUDA-graph safe); the
+// returned n_pairs (device) says how many were wanted, and n_pairs > capacity means contributions were
+// dropped.  capacity <= 0: the list is sized exactly, at the cost of one device -> host sync.
 std::vector<torch::Tensor> raster_forward(torch::Tensor means, torch::Tensor scales, torch::Tensor rotations,
-                                          torch::Tensor rho, torch::Tensor uvoff, torch::Tensor cam_rt, double fx,
-                                          double fy, double cx, double cy, int64_t width, int64_t height,
-                                          bool poison) {
+                                          torch::Tensor rho, torch::Tensor uvoff, torch::Tensor camera, int64_t width,
+                                          int64_t height, int64_t capacity, bool poison) {
     check_gaussians(means, scales, rotations, rho);
-    check_camera(means, uvoff, cam_rt);
-    TORCH_CHECK(width > 0 && height > 0 && width * height < (int64_t(1) << 31), "bad image size");
+    check_camera(means, uvoff, camera, width, height);
     const c10::cuda::OptionalCUDAGuard guard(means.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int P = (int)means.size(0);
@@ -111,46 +115,52 @@ std::vector<torch::Tensor> raster_forward(torch::Tensor means, torch::Tensor sca
         touched.fill_(-7);
     }
     const int tiles_x = (int)ceil_div(width, kRasterTile), tiles_y = (int)ceil_div(height, kRasterTile);
-    RasterCam cam{cam_rt.data_ptr<double>(), fx, fy, cx, cy, (int)width, (int)height};
+    const int64_t n_tiles = (int64_t)tiles_x * tiles_y;
+    RasterCam cam{camera.data_ptr<double>(), (int)width, (int)height};
     const float* uv = uvoff.numel() > 0 ? uvoff.data_ptr<float>() : nullptr;
     DRGS_CUDA(raster_preprocess(P, means.data_ptr<float>(), scales.data_ptr<float>(), rotations.data_ptr<float>(),
                                 rho.data_ptr<float>(), uv, cam, geom0.data_ptr<float>(), geom1.data_ptr<float>(),
                                 box.data_ptr<int>(), radii.data_ptr<int>(), visible.data_ptr<bool>(),
                                 centres.data_ptr<float>(), touched.data_ptr<int>(), stream));
-    torch::Tensor offsets;
-    const int64_t n_pairs = P > 0 ? inclusive_offsets(touched, offsets) : 0;
-    auto ranges = torch::zeros({(int64_t)tiles_x * tiles_y, 2}, i32);
+    torch::Tensor offsets = touched.cumsum(0, torch::kInt64);
+    torch::Tensor n_pairs = P > 0 ? offsets[-1] : torch::zeros({}, means.options().dtype(torch::kInt64));
+    if (capacity <= 0) capacity = n_pairs.item<int64_t>();
+    // Unused slots keep the padding key n_tiles, which sorts after every tile and gets no range.
+    auto keys = torch::full({capacity}, (int)n_tiles, i32);
+    auto vals = torch::empty({capacity}, i32);
+    auto ranges = torch::zeros({n_tiles, 2}, i32);
     torch::Tensor ids;
-    if (n_pairs > 0) {
-        auto keys = torch::empty({n_pairs}, i32);
-        auto vals = torch::empty({n_pairs}, i32);
+    if (capacity > 0) {
         DRGS_CUDA(raster_emit_pairs(P, box.data_ptr<int>(), touched.data_ptr<int>(), offsets.data_ptr<int64_t>(),
-                                    tiles_x, keys.data_ptr<int>(), vals.data_ptr<int>(), stream));
-        ids = sort_and_range(keys, vals, (int64_t)tiles_x * tiles_y, ranges, stream);
+                                    tiles_x, capacity, keys.data_ptr<int>(), vals.data_ptr<int>(), stream));
+        ids = sort_and_range(keys, vals, n_tiles, ranges, stream);
     }
-    DRGS_CUDA(raster_render((int)width, (int)height, ranges.data_ptr<int>(), n_pairs > 0 ? ids.data_ptr<int>() : nullptr,
+    DRGS_CUDA(raster_render((int)width, (int)height, ranges.data_ptr<int>(), capacity > 0 ? ids.data_ptr<int>() : nullptr,
                             geom0.data_ptr<float>(), geom1.data_ptr<float>(), box.data_ptr<int>(),
                             image.data_ptr<float>(), stream));
-    return {image, radii, visible, centres, geom0, geom1, box, torch::scalar_tensor(n_pairs, torch::kInt64)};
+    return {image, radii, visible, centres, geom0, geom1, box, touched, offsets, keys, vals, n_pairs};
 }
 
+// keys / vals / offsets / touched / n_pairs: the forward's unsorted pair list (see raster_forward).
 std::vector<torch::Tensor> raster_backward(torch::Tensor grad_image, torch::Tensor means, torch::Tensor scales,
                                            torch::Tensor rotations, torch::Tensor rho, torch::Tensor uvoff,
-                                           torch::Tensor cam_rt, double fx, double fy, double cx, double cy,
-                                           int64_t width, int64_t height, torch::Tensor geom0, torch::Tensor geom1,
-                                           torch::Tensor box, bool poison) {
+                                           torch::Tensor camera, int64_t width, int64_t height, torch::Tensor geom0,
+                                           torch::Tensor geom1, torch::Tensor box, torch::Tensor touched,
+                                           torch::Tensor offsets, torch::Tensor keys, torch::Tensor vals,
+                                           torch::Tensor n_pairs, bool poison) {
     check_gaussians(means, scales, rotations, rho);
-    check_camera(means, uvoff, cam_rt);
+    check_camera(means, uvoff, camera, width, height);
     DRGS_CHECK_INPUT(grad_image);
     TORCH_CHECK(grad_image.dim() == 2 && grad_image.size(0) == height && grad_image.size(1) == width,
                 "grad_image must be [H, W]");
     const c10::cuda::OptionalCUDAGuard guard(means.device());
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int P = (int)means.size(0);
-    TORCH_CHECK(geom0.numel() == 4 * (int64_t)P && geom1.numel() == 2 * (int64_t)P && box.numel() == 4 * (int64_t)P,
+    const int64_t capacity = keys.numel();
+    TORCH_CHECK(geom0.numel() == 4 * (int64_t)P && geom1.numel() == 2 * (int64_t)P && box.numel() == 4 * (int64_t)P &&
+                    touched.numel() == P && offsets.numel() == P && vals.numel() == capacity && n_pairs.numel() == 1,
                 "saved forward buffers do not match the Gaussians");
     auto f32 = means.options();
-    auto i32 = means.options().dtype(torch::kInt32);
     auto g_means = torch::empty({P, 3}, f32);
     auto g_scales = torch::empty({P, 3}, f32);
     auto g_rots = torch::empty({P, 4}, f32);
@@ -160,27 +170,21 @@ std::vector<torch::Tensor> raster_backward(torch::Tensor grad_image, torch::Tens
         for (auto* t : {&g_means, &g_scales, &g_rots, &g_rho, &g_uv}) t->fill_(NAN);
     }
     if (P == 0) return {g_means, g_scales, g_rots, g_rho, g_uv};
-    auto counts = torch::empty({P}, i32);
-    DRGS_CUDA(raster_chunk_count(P, box.data_ptr<int>(), counts.data_ptr<int>(), stream));
-    torch::Tensor offsets;
-    const int64_t n_chunks = inclusive_offsets(counts, offsets);
-    auto partial = torch::empty({std::max<int64_t>(n_chunks, 1), 6}, means.options().dtype(torch::kFloat64));
+    auto partial = torch::empty({std::max<int64_t>(capacity, 1), 6}, means.options().dtype(torch::kFloat64));
     if (poison) partial.fill_(NAN);
-    if (n_chunks > 0) {
-        auto owner = torch::empty({n_chunks, 2}, i32);
-        DRGS_CUDA(raster_emit_chunks(P, counts.data_ptr<int>(), offsets.data_ptr<int64_t>(), owner.data_ptr<int>(),
-                                     stream));
-        DRGS_CUDA(raster_backward_pixels(n_chunks, (int)width, grad_image.data_ptr<float>(), owner.data_ptr<int>(),
-                                         geom0.data_ptr<float>(), geom1.data_ptr<float>(), box.data_ptr<int>(),
-                                         partial.data_ptr<double>(), stream));
-    }
-    RasterCam cam{cam_rt.data_ptr<double>(), fx, fy, cx, cy, (int)width, (int)height};
+    const int tiles_x = (int)ceil_div(width, kRasterTile);
+    DRGS_CUDA(raster_backward_pairs(capacity, n_pairs.data_ptr<int64_t>(), tiles_x, (int)width,
+                                    grad_image.data_ptr<float>(), keys.data_ptr<int>(), vals.data_ptr<int>(),
+                                    geom0.data_ptr<float>(), geom1.data_ptr<float>(), box.data_ptr<int>(),
+                                    partial.data_ptr<double>(), stream));
+    RasterCam cam{camera.data_ptr<double>(), (int)width, (int)height};
     const float* uv = uvoff.numel() > 0 ? uvoff.data_ptr<float>() : nullptr;
     DRGS_CUDA(raster_backward_gaussians(P, means.data_ptr<float>(), scales.data_ptr<float>(),
                                         rotations.data_ptr<float>(), rho.data_ptr<float>(), uv, cam,
-                                        counts.data_ptr<int>(), offsets.data_ptr<int64_t>(), partial.data_ptr<double>(),
-                                        g_means.data_ptr<float>(), g_scales.data_ptr<float>(), g_rots.data_ptr<float>(),
-                                        g_rho.data_ptr<float>(), g_uv.data_ptr<float>(), stream));
+                                        touched.data_ptr<int>(), offsets.data_ptr<int64_t>(), capacity,
+                                        partial.data_ptr<double>(), g_means.data_ptr<float>(),
+                                        g_scales.data_ptr<float>(), g_rots.data_ptr<float>(), g_rho.data_ptr<float>(),
+                                        g_uv.data_ptr<float>(), stream));
     return {g_means, g_scales, g_rots, g_rho, g_uv};
 }
 
@@ -305,17 +309,19 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor grad_out, torch::Tens
 }  // namespace drgs
 
 // Bumped whenever an op's signature or semantics change (checked by drgs_core/_ext.py).
-static const int kAbiVersion = 1;
+static const int kAbiVersion = 2;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "DRGS4D CUDA kernels: X-ray Gaussian rasteriser, voxeliser, hash-grid encoding";
     m.attr("ABI_VERSION") = kAbiVersion;
     m.def("raster_forward", &drgs::raster_forward,
-          "image, radii, visible, centres, geom0, geom1, box, n_pairs = raster_forward(means, scales, rotations, rho, "
-          "means2d_or_empty, cam_rt[12] float64, fx, fy, cx, cy, width, height, poison)");
+          "image, radii, visible, centres, geom0, geom1, box, touched, offsets, keys, vals, n_pairs = "
+          "raster_forward(means, scales, rotations, rho, means2d_or_empty, camera[16] float64, width, height, "
+          "pair_capacity (<= 0: exact), poison)");
     m.def("raster_backward", &drgs::raster_backward,
           "g_means, g_scales, g_rotations, g_rho, g_means2d = raster_backward(grad_image, means, scales, rotations, "
-          "rho, means2d_or_empty, cam_rt, fx, fy, cx, cy, width, height, geom0, geom1, box, poison)");
+          "rho, means2d_or_empty, camera, width, height, geom0, geom1, box, touched, offsets, keys, vals, n_pairs, "
+          "poison)");
     m.def("voxelize_forward", &drgs::voxelize_forward,
           "volume[nx,ny,nz] = voxelize_forward(means, scales, rotations, rho, first_voxel_centre[3], spacing[3], "
           "shape[3], poison)");

@@ -3,18 +3,23 @@
 // Forward (no compositing: contributions add, so their order does not matter):
 //   1. preprocess: one thread per Gaussian, double precision (gauss_math.h): projected centre, conic,
 //      weight w = rho * eta, clipped pixel box of the 3-sigma footprint, radii, visibility, tiles touched.
-//   2. prefix sum of tiles touched; emit one (tile, Gaussian) pair per touched 16x16 tile.
+//   2. prefix sum of tiles touched; emit one (tile, Gaussian) pair per touched 16x16 tile into a pair list
+//      of fixed capacity (padding keys sort last; pairs beyond the capacity are dropped and the caller sees
+//      total > capacity), so that no launch depends on a count read back by the host.
 //   3. stable radix sort of the pairs by tile; [first, last) range of every tile.
 //   4. render: one block per tile, one thread per pixel; the tile's Gaussians are staged through shared
 //      memory in batches of 256 and every pixel adds w exp(-q/2) of those whose box holds it.
 //
-// Backward (deterministic, no atomics):
-//   1. every visible Gaussian's pixel box is cut into chunks of CHUNK pixels (prefix sum of chunk counts);
-//   2. one warp per chunk evaluates the per-pixel terms against dLoss/dimage and reduces the six pixel
-//      sums of gauss_math.h (PixelSums) over the warp; one row of partial sums per chunk;
-//   3. one thread per Gaussian adds its chunks' partial sums (fixed order) and runs the double-precision
+// Backward (deterministic, no atomics), over the forward's unsorted pair list, where the pairs of one
+// Gaussian are contiguous:
+//   1. one warp per (tile, Gaussian) pair evaluates the per-pixel terms of the tile's part of the Gaussian's
+//      box against dLoss/dimage and reduces the six pixel sums of gauss_math.h (PixelSums) over the warp;
+//      one row of partial sums per pair;
+//   2. one thread per Gaussian adds its pairs' partial sums (fixed order) and runs the double-precision
 //      chain rule through the projection (project_backward) to means, scales, quaternions, rho and the
 //      projected centre (the means2d gradient).
+#include <algorithm>
+
 #include "gauss_math.h"
 #include "kernels.h"
 
@@ -24,7 +29,6 @@ namespace {
 
 constexpr int TILE = kRasterTile;
 constexpr int TILE_PIXELS = TILE * TILE;
-constexpr int CHUNK = kRasterChunk;  // pixels per backward chunk (8 per lane of a warp)
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -35,10 +39,10 @@ __device__ __forceinline__ double warp_sum(double v) {
 __device__ __forceinline__ Camera load_camera(const RasterCam& a) {
     Camera c;
 #pragma unroll
-    for (int k = 0; k < 9; ++k) c.R[k] = a.RT[k];
+    for (int k = 0; k < 9; ++k) c.R[k] = a.params[k];
 #pragma unroll
-    for (int k = 0; k < 3; ++k) c.T[k] = a.RT[9 + k];
-    c.fx = a.fx; c.fy = a.fy; c.cx = a.cx; c.cy = a.cy;
+    for (int k = 0; k < 3; ++k) c.T[k] = a.params[9 + k];
+    c.fx = a.params[12]; c.fy = a.params[13]; c.cx = a.params[14]; c.cy = a.params[15];
     c.width = a.width; c.height = a.height;
     return c;
 }
@@ -89,16 +93,18 @@ __global__ void preprocess_kernel(int P, const float* __restrict__ means, const 
 }
 
 __global__ void emit_tile_pairs_kernel(int P, const int4* __restrict__ box, const int* __restrict__ counts,
-                                       const int64_t* __restrict__ offsets, int tiles_x, int* __restrict__ keys,
-                                       int* __restrict__ vals) {
+                                       const int64_t* __restrict__ offsets, int tiles_x, int64_t capacity,
+                                       int* __restrict__ keys, int* __restrict__ vals) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= P) return;
     const int n = counts[i];
     if (n == 0) return;
     int64_t o = offsets[i] - n;
+    if (o >= capacity) return;
     const int4 b = box[i];
     for (int ty = b.y / TILE; ty <= b.w / TILE; ++ty)
         for (int tx = b.x / TILE; tx <= b.z / TILE; ++tx) {
+            if (o >= capacity) return;
             keys[o] = ty * tiles_x + tx;
             vals[o] = i;
             ++o;
@@ -145,52 +151,30 @@ render_kernel(int width, int height, int tiles_x, const int2* __restrict__ range
 }
 
 // ---------------------------------------------------------------- backward
-__global__ void chunk_count_kernel(int P, const int4* __restrict__ box, int* __restrict__ counts) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P) return;
-    const int4 b = box[i];
-    int n = 0;
-    if (b.z >= b.x && b.w >= b.y) {
-        const int64_t area = (int64_t)(b.z - b.x + 1) * (int64_t)(b.w - b.y + 1);
-        n = (int)((area + CHUNK - 1) / CHUNK);
-    }
-    counts[i] = n;
-}
-
-__global__ void emit_chunks_kernel(int P, const int* __restrict__ counts, const int64_t* __restrict__ offsets,
-                                   int2* __restrict__ owner) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= P) return;
-    const int n = counts[i];
-    const int64_t o = offsets[i] - n;
-    for (int k = 0; k < n; ++k) owner[o + k] = make_int2(i, k);
-}
-
-// One warp per chunk; partial[c] = the six PixelSums of chunk c (double).
-__global__ void backward_pixels_kernel(int64_t n_chunks, int width, const float* __restrict__ grad_image,
-                                       const int2* __restrict__ owner, const float4* __restrict__ geom0,
-                                       const float2* __restrict__ geom1, const int4* __restrict__ box,
-                                       double* __restrict__ partial) {
+// A grid-stride loop of warps over the stored pairs; partial[c] = the six PixelSums of pair c (double).
+__global__ void backward_pairs_kernel(int64_t capacity, const int64_t* __restrict__ total, int tiles_x, int width,
+                                      const float* __restrict__ grad_image, const int* __restrict__ keys,
+                                      const int* __restrict__ vals, const float4* __restrict__ geom0,
+                                      const float2* __restrict__ geom1, const int4* __restrict__ box,
+                                      double* __restrict__ partial) {
     const int lane = threadIdx.x & 31;
-    const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (c >= n_chunks) return;  // whole warps leave together
-    const int2 oc = owner[c];
-    const int g = oc.x;
-    const float4 g0 = geom0[g];
-    const float2 g1 = geom1[g];
-    const int4 b = box[g];
-    const int bw = b.z - b.x + 1;
-    const int64_t area = (int64_t)bw * (int64_t)(b.w - b.y + 1);
-    const float A = g0.z, r = g0.w, D = g1.x, w = g1.y;
-    double Sw = 0.0, St2 = 0.0, Stdy = 0.0, Sdy2 = 0.0, St = 0.0, Sdy = 0.0;
-    const int64_t first = (int64_t)oc.y * CHUNK;
-#pragma unroll 4
-    for (int m = 0; m < CHUNK / 32; ++m) {
-        const int64_t idx = first + m * 32 + lane;
-        if (idx < area) {
-            const int row = (int)(idx / bw);
-            const int col = (int)(idx - (int64_t)row * bw);
-            const int x = b.x + col, y = b.y + row;
+    const int64_t n = min(*total, capacity);
+    const int64_t n_warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+    for (int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; c < n; c += n_warps) {
+        const int tile = keys[c];
+        const int g = vals[c];
+        const float4 g0 = geom0[g];
+        const float2 g1 = geom1[g];
+        const int4 b = box[g];
+        // The pixels of the tile inside the box (the box is already clipped to the image).
+        const int tx0 = (tile % tiles_x) * TILE, ty0 = (tile / tiles_x) * TILE;
+        const int x0 = max(b.x, tx0), y0 = max(b.y, ty0);
+        const int bw = min(b.z, tx0 + TILE - 1) - x0 + 1;
+        const int area = bw * (min(b.w, ty0 + TILE - 1) - y0 + 1);
+        const float A = g0.z, r = g0.w, D = g1.x, w = g1.y;
+        double Sw = 0.0, St2 = 0.0, Stdy = 0.0, Sdy2 = 0.0, St = 0.0, Sdy = 0.0;
+        for (int idx = lane; idx < area; idx += 32) {
+            const int x = x0 + idx % bw, y = y0 + idx / bw;
             const float gi = grad_image[(int64_t)y * width + x];
             const float dx = (float)x - g0.x, dy = (float)y - g0.y;
             const float t = fmaf(r, dy, dx);
@@ -204,16 +188,16 @@ __global__ void backward_pixels_kernel(int64_t n_chunks, int width, const float*
             St += sp * (double)t;
             Sdy += sp * (double)dy;
         }
-    }
-    Sw = warp_sum(Sw);
-    St2 = warp_sum(St2);
-    Stdy = warp_sum(Stdy);
-    Sdy2 = warp_sum(Sdy2);
-    St = warp_sum(St);
-    Sdy = warp_sum(Sdy);
-    if (lane == 0) {
-        double* o = partial + 6 * c;
-        o[0] = Sw; o[1] = St2; o[2] = Stdy; o[3] = Sdy2; o[4] = St; o[5] = Sdy;
+        Sw = warp_sum(Sw);
+        St2 = warp_sum(St2);
+        Stdy = warp_sum(Stdy);
+        Sdy2 = warp_sum(Sdy2);
+        St = warp_sum(St);
+        Sdy = warp_sum(Sdy);
+        if (lane == 0) {
+            double* o = partial + 6 * c;
+            o[0] = Sw; o[1] = St2; o[2] = Stdy; o[3] = Sdy2; o[4] = St; o[5] = Sdy;
+        }
     }
 }
 
@@ -221,7 +205,8 @@ __global__ void backward_gaussians_kernel(int P, const float* __restrict__ means
                                           const float* __restrict__ rots, const float* __restrict__ rho,
                                           const float* __restrict__ uvoff, RasterCam cam_args,
                                           const int* __restrict__ counts, const int64_t* __restrict__ offsets,
-                                          const double* __restrict__ partial, float* __restrict__ g_means,
+                                          int64_t capacity, const double* __restrict__ partial,
+                                          float* __restrict__ g_means,
                                           float* __restrict__ g_scales, float* __restrict__ g_rots,
                                           float* __restrict__ g_rho, float* __restrict__ g_uv) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -234,8 +219,9 @@ __global__ void backward_gaussians_kernel(int P, const float* __restrict__ means
     if (n > 0) {
         PixelSums ps{0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
         const int64_t o = offsets[i] - n;
-        for (int k = 0; k < n; ++k) {
-            const double* pp = partial + 6 * (o + k);
+        const int64_t end = min(offsets[i], capacity);  // pairs past the capacity were never stored
+        for (int64_t c = o; c < end; ++c) {
+            const double* pp = partial + 6 * c;
             ps.Sw += pp[0]; ps.St2 += pp[1]; ps.Stdy += pp[2]; ps.Sdy2 += pp[3]; ps.St += pp[4]; ps.Sdy += pp[5];
         }
         const Camera cam = load_camera(cam_args);
@@ -271,11 +257,11 @@ cudaError_t raster_preprocess(int P, const float* means, const float* scales, co
     return cudaGetLastError();
 }
 
-cudaError_t raster_emit_pairs(int P, const int* box, const int* counts, const int64_t* offsets, int tiles_x,
-                              int* keys, int* vals, cudaStream_t stream) {
-    if (P == 0) return cudaSuccess;
-    emit_tile_pairs_kernel<<<grid_for(P, 128), 128, 0, stream>>>(P, reinterpret_cast<const int4*>(box), counts,
-                                                                 offsets, tiles_x, keys, vals);
+cudaError_t raster_emit_pairs(int P, const int* box, const int* touched, const int64_t* offsets, int tiles_x,
+                              int64_t capacity, int* keys, int* vals, cudaStream_t stream) {
+    if (P == 0 || capacity == 0) return cudaSuccess;
+    emit_tile_pairs_kernel<<<grid_for(P, 128), 128, 0, stream>>>(P, reinterpret_cast<const int4*>(box), touched,
+                                                                 offsets, tiles_x, capacity, keys, vals);
     return cudaGetLastError();
 }
 
@@ -290,37 +276,31 @@ cudaError_t raster_render(int width, int height, const int* ranges, const int* i
     return cudaGetLastError();
 }
 
-cudaError_t raster_chunk_count(int P, const int* box, int* counts, cudaStream_t stream) {
-    if (P == 0) return cudaSuccess;
-    chunk_count_kernel<<<grid_for(P, 256), 256, 0, stream>>>(P, reinterpret_cast<const int4*>(box), counts);
-    return cudaGetLastError();
-}
-
-cudaError_t raster_emit_chunks(int P, const int* counts, const int64_t* offsets, int* owner, cudaStream_t stream) {
-    if (P == 0) return cudaSuccess;
-    emit_chunks_kernel<<<grid_for(P, 256), 256, 0, stream>>>(P, counts, offsets, reinterpret_cast<int2*>(owner));
-    return cudaGetLastError();
-}
-
-cudaError_t raster_backward_pixels(int64_t n_chunks, int width, const float* grad_image, const int* owner,
-                                   const float* geom0, const float* geom1, const int* box, double* partial,
-                                   cudaStream_t stream) {
-    if (n_chunks == 0) return cudaSuccess;
+cudaError_t raster_backward_pairs(int64_t capacity, const int64_t* total, int tiles_x, int width,
+                                  const float* grad_image, const int* keys, const int* vals, const float* geom0,
+                                  const float* geom1, const int* box, double* partial, cudaStream_t stream) {
+    if (capacity == 0) return cudaSuccess;
+    // Enough resident warps to fill the device; the loop covers the rest without a host-side count.
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     const int threads = 256;
-    backward_pixels_kernel<<<grid_for(n_chunks * 32, threads), threads, 0, stream>>>(
-        n_chunks, width, grad_image, reinterpret_cast<const int2*>(owner), reinterpret_cast<const float4*>(geom0),
+    const unsigned blocks = std::min<unsigned>(grid_for(capacity * 32, threads), (unsigned)std::max(sms, 1) * 16u);
+    backward_pairs_kernel<<<blocks, threads, 0, stream>>>(
+        capacity, total, tiles_x, width, grad_image, keys, vals, reinterpret_cast<const float4*>(geom0),
         reinterpret_cast<const float2*>(geom1), reinterpret_cast<const int4*>(box), partial);
     return cudaGetLastError();
 }
 
 cudaError_t raster_backward_gaussians(int P, const float* means, const float* scales, const float* rots,
-                                      const float* rho, const float* uvoff, RasterCam cam, const int* counts,
-                                      const int64_t* offsets, const double* partial, float* g_means, float* g_scales,
-                                      float* g_rots, float* g_rho, float* g_uv, cudaStream_t stream) {
+                                      const float* rho, const float* uvoff, RasterCam cam, const int* touched,
+                                      const int64_t* offsets, int64_t capacity, const double* partial,
+                                      float* g_means, float* g_scales, float* g_rots, float* g_rho, float* g_uv,
+                                      cudaStream_t stream) {
     if (P == 0) return cudaSuccess;
-    backward_gaussians_kernel<<<grid_for(P, 128), 128, 0, stream>>>(P, means, scales, rots, rho, uvoff, cam, counts,
-                                                                    offsets, partial, g_means, g_scales, g_rots,
-                                                                    g_rho, g_uv);
+    backward_gaussians_kernel<<<grid_for(P, 128), 128, 0, stream>>>(P, means, scales, rots, rho, uvoff, cam, touched,
+                                                                    offsets, capacity, partial, g_means, g_scales,
+                                                                    g_rots, g_rho, g_uv);
     return cudaGetLastError();
 }
 

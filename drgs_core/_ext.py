@@ -31,7 +31,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 #: Must equal kAbiVersion in csrc/ops.cpp.
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _lock = threading.Lock()

@@ -152,6 +152,7 @@ def _reconstruct_config(a):
             "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     d["use_secondary_angle"] = not a.ignore_secondary_angle
+    d["cuda_graph"] = not getattr(a, "no_cuda_graph", False)
     if "init_threshold" in d and d["init_threshold"] != "auto":
         d["init_threshold"] = float(d["init_threshold"])
     return ReconstructConfig.from_dict(d)
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot-every", type=int, help="write a preview volume and mesh every N iterations")
     s.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    s.add_argument("--no-cuda-graph", action="store_true",
+                   help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reconstruct)
 

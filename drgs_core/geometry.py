@@ -18,6 +18,7 @@ origin = -phy/2.  Every function accepts numpy arrays or torch tensors and retur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -139,6 +140,35 @@ class Camera:
     def source(self) -> torch.Tensor:
         """X-ray source position in world mm (the camera centre)."""
         return -(self.R.T @ self.T)
+
+    def pack(self, device=None) -> "PackedCamera":
+        """This camera with its parameters in one float64 tensor on `device` (see `PackedCamera`)."""
+        R = torch.as_tensor(self.R).reshape(9)
+        device = R.device if device is None else device
+        k = torch.tensor([self.fx, self.fy, self.cx, self.cy], dtype=torch.float64)
+        parts = [R, torch.as_tensor(self.T).reshape(3), k]
+        params = torch.cat([t.to(device=device, dtype=torch.float64) for t in parts])
+        return PackedCamera(params, int(self.width), int(self.height))
+
+
+class PackedCamera(NamedTuple):
+    """A `Camera` as params [16] float64 = (R row-major, T mm, fx, fy, cx, cy) plus the image size.
+
+    The renderer takes either kind.  Kept on the GPU, a packed camera costs no host -> device copy per
+    rendering, and a fixed params buffer whose contents change per view lets one CUDA graph render any view.
+    """
+
+    params: torch.Tensor
+    width: int
+    height: int
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self.params[:9].view(3, 3)
+
+    @property
+    def T(self) -> torch.Tensor:
+        return self.params[9:12]
 
 
 def rotation_matrices(primary, secondary=None):

@@ -12,6 +12,7 @@ Units and axes: mesh vertices are [V, 3] world millimetres (the `VolumeGrid` wor
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -122,8 +123,10 @@ def chamfer_hd95(verts_a, verts_b, icp: bool = False, icp_iterations: int = 50) 
 # ======================================================================================================
 # 2D image metrics
 # ======================================================================================================
+@functools.lru_cache(maxsize=16)
 def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
-    """The normalised 1-D Gaussian window [size]; the 2-D window is its outer product (separable)."""
+    """The normalised 1-D Gaussian window [size]; the 2-D window is its outer product (separable).
+    Cached: a fresh host -> GPU copy per call would stall the training loop (and break graph capture)."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
     g = torch.exp(-0.5 * (x / sigma) ** 2)
     return (g / g.sum()).to(dtype=dtype, device=device)

@@ -72,6 +72,7 @@ class ReconstructConfig:
     resume: bool = False
     densify_until: int | None = None
     use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
+    cuda_graph: bool = True            # replay training iterations from a CUDA graph (GPU with the CUDA kernels)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -109,7 +110,8 @@ class ReconstructConfig:
         return TrainConfig(schedule=self.schedule, iterations=self.iterations, densify_until=self.densify_until,
                            seed=self.seed, checkpoint_every=self.checkpoint_every,
                            snapshot_every=self.snapshot_every, progress_every=self.progress_every,
-                           max_gaussians=self.max_gaussians, min_densify_every=int(self.views))
+                           max_gaussians=self.max_gaussians, min_densify_every=int(self.views),
+                           cuda_graph=self.cuda_graph)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -346,6 +348,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
         "densify": result["densify"], "loss_history": result["history"],
+        "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
+        "skipped_iterations": result["skipped_iterations"],
     }
     if device.type == "cuda":
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

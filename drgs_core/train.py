@@ -3,7 +3,8 @@
 One iteration: a random training frame (shuffled without replacement per epoch), a temporally perturbed
 time t' = clip(t_k + N(0, sigma_t^2), 0, 1), a rendering, loss 0.8 L1 + 0.2 (1 - SSIM), Adam with
 exponentially decaying learning rates, then density-control statistics and, every `densify_every`
-iterations inside the densification window, clone / split / prune.
+iterations inside the densification window, clone / split / prune.  The iteration itself is
+`train_step.StepRunner` (a CUDA graph on the GPU).
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import torch
 
 from .errors import DRGSInputError
 from .io.atomic import atomic_path
-from .metrics import ssim
 from .model.density import DensityStats, densify_and_prune
 from .model.gaussians import GaussianModel
-from .render import rasterize
+from .train_step import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class TrainConfig:
     progress_every: int = 50
     checkpoint_every: int = 1000
     snapshot_every: int = 0
+    cuda_graph: bool = True                # replay each iteration from a CUDA graph when the CUDA kernels run
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -95,7 +96,7 @@ def exp_lr(init_final: tuple[float, float], step: int, total: int) -> float:
     return math.exp((1 - f) * math.log(a) + f * math.log(b))
 
 
-def make_optimizer(model: GaussianModel, cfg: TrainConfig) -> torch.optim.Adam:
+def make_optimizer(model: GaussianModel, cfg: TrainConfig, capturable: bool = False) -> torch.optim.Adam:
     groups = [
         {"params": [model.means], "name": "means"},
         {"params": [model.scales_raw], "name": "scales_raw"},
@@ -105,8 +106,10 @@ def make_optimizer(model: GaussianModel, cfg: TrainConfig) -> torch.optim.Adam:
     if model.field is not None:
         groups.append({"params": list(model.field.parameters()), "name": "field",
                        "weight_decay": cfg.field_weight_decay})
-    # The fused CUDA step is ~2x faster over the hash tables' millions of parameters.
-    opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=model.means.is_cuda)
+    # The fused CUDA step is ~2x faster over the hash tables' millions of parameters; `capturable` keeps its
+    # step counts and learning rates on the device so that a CUDA graph can replay it.
+    cuda = model.means.is_cuda
+    opt = torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=cuda, capturable=cuda and capturable)
     set_learning_rates(opt, model, cfg, 0)
     return opt
 
@@ -122,7 +125,13 @@ def set_learning_rates(opt, model: GaussianModel, cfg: TrainConfig, step: int) -
         "field": exp_lr(cfg.lr_field, step, n),
     }
     for g in opt.param_groups:
-        g["lr"] = rates[g["name"]]
+        rate = rates[g["name"]]
+        if not g.get("capturable"):
+            g["lr"] = rate
+        elif torch.is_tensor(g["lr"]) and g["lr"].device == model.means.device:
+            g["lr"].fill_(rate)   # in place: a captured graph reads this tensor
+        else:
+            g["lr"] = torch.tensor(float(rate), device=model.means.device)
 
 
 @dataclass
@@ -153,7 +162,8 @@ def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, 
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, n_train: int) -> tuple:
+def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, n_train: int,
+                    capturable: bool = False) -> tuple:
     payload = torch.load(path, map_location=device, weights_only=False)
     saved = payload.get("train_config", {})
     changed = [k for k in ("schedule", "iterations", "densify_until", "seed") if saved.get(k) != getattr(cfg, k)]
@@ -167,8 +177,9 @@ def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, 
                              "(or with another --out)")
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, capturable)
     opt.load_state_dict(payload["optimizer"])
+    set_learning_rates(opt, model, cfg, 0)
     s = payload["stats"]
     stats = DensityStats(s["grad_sum"], s["rho_sum"], s["visible_count"])
     state = TrainState(**payload["state"])
@@ -196,13 +207,14 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 2**24]]
     inv_scale = 1.0 / max(float(torch.quantile(flat.float(), 0.999)), 1e-12)
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
-    opt = make_optimizer(model, cfg)
+    runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph)
+    opt = make_optimizer(model, cfg, capturable=runner.use_graph)
     stats = DensityStats.zeros(model.n, device)
     state = TrainState()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train)
+        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train, runner.use_graph)
         rng.bit_generator.state = state.rng
         torch.set_rng_state(state.torch_rng.cpu())
         if state.cuda_rng is not None and device.type == "cuda":
@@ -231,22 +243,9 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
             state.order = rng.permutation(n_train).tolist()
         k = state.order.pop()
         t = float(np.clip(times[k] + rng.normal(0.0, sigma_t), 0.0, 1.0))
-        cam = cameras[k]
-
-        rho = model.rho(t)
-        means2d = torch.zeros(model.n, 2, device=device, requires_grad=True)
-        out = rasterize(model.means, model.scales, model.rotations, rho, cam, means2d=means2d)
-        gt = dsa[k] * inv_scale
-        img = out.image * inv_scale
-        l1 = (img - gt).abs().mean()
-        loss = (1 - cfg.ssim_weight) * l1 + cfg.ssim_weight * (1 - ssim(img, gt))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-
+        runner.load(k, t)
         in_window = cfg.densify_from <= step < cfg.densify_until
-        if in_window and means2d.grad is not None:
-            stats.update(out.visible, means2d.grad, cam.width, cam.height, rho)
-        opt.step()
+        loss = runner.run(model, opt, stats if in_window else None)
 
         state.iteration += 1
         it = state.iteration
@@ -264,6 +263,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         if it % cfg.progress_every == 0 or it == cfg.iterations or it == start_iter + 1:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            runner.check()
             now = time.perf_counter()
             if it - window[0] >= cfg.progress_every:
                 state.rates.append((it - window[0]) / max(now - window[1], 1e-9))
@@ -280,8 +280,12 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         if snapshot is not None and cfg.snapshot_every and it % cfg.snapshot_every == 0 and it < cfg.iterations:
             emit({"event": "snapshot", "iteration": it, **snapshot(it)})
     checkpoint()
+    if runner.skipped:
+        log.warning("%d iterations were skipped: their view needed more rasteriser pairs than the graph held",
+                    runner.skipped)
     return {"status": "done", "iteration": state.iteration, "history": state.history,
-            "it_per_s": _rate(state), "densify": densify_log}
+            "it_per_s": _rate(state), "densify": densify_log, "cuda_graph": runner.use_graph,
+            "graph_captures": runner.captures, "skipped_iterations": runner.skipped}
 
 
 def _rate(state: TrainState) -> float:

@@ -30,11 +30,13 @@ class DensityStats:
 
     @torch.no_grad()
     def update(self, visible: torch.Tensor, means2d_grad: torch.Tensor, width: int, height: int,
-               rho: torch.Tensor) -> None:
-        """visible [P] bool; means2d_grad [P,2] dLoss/d(centre) in pixels; rho [P] 1/mm."""
-        scale = torch.tensor([width / 2.0, height / 2.0], device=means2d_grad.device)
-        g = (means2d_grad * scale).norm(dim=-1)
+               rho: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """visible [P] bool; means2d_grad [P,2] dLoss/d(centre) in pixels; rho [P] 1/mm; weight: optional
+        0-d tensor (0 or 1) that masks the whole update on the device (a skipped iteration)."""
+        g = torch.hypot(means2d_grad[:, 0] * (width / 2.0), means2d_grad[:, 1] * (height / 2.0))
         v = visible.float()
+        if weight is not None:
+            v = v * weight
         self.grad_sum += g * v
         self.rho_sum += rho.detach() * v
         self.visible_count += v

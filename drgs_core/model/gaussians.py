@@ -52,6 +52,7 @@ class GaussianModel(nn.Module):
         # rho = rho_scale * activation(...): a fixed unit chosen at initialisation from the data, so that the
         # learning rates of METHOD §6 act on O(1) quantities whatever the intensity scale of the case.
         self.register_buffer("rho_scale", torch.tensor(1.0))
+        self._box = None
 
     # ---- activations ---------------------------------------------------------------------
     @property
@@ -69,7 +70,13 @@ class GaussianModel(nn.Module):
     def normalised_positions(self) -> torch.Tensor:
         # The field is queried at the detached centre: positions learn from the rendering only,
         # which keeps the noisy hash-grid spatial gradient out of the geometry.
-        return self.grid.normalise(self.means.detach()).clamp(0.0, 1.0)
+        means = self.means.detach()
+        key = (means.device, means.dtype)
+        if self._box is None or self._box[0] != key:  # cached: no host -> device copy per iteration
+            self._box = (key, self.grid.normalise(torch.zeros(1, 3, dtype=means.dtype, device=means.device)),
+                         torch.as_tensor(self.grid.physical_size, dtype=means.dtype, device=means.device))
+        _, zero_hat, size = self._box
+        return (means / size + zero_hat).clamp(0.0, 1.0)
 
     def rho(self, t) -> torch.Tensor:
         """Central attenuation [P] (1/mm) at normalised time t (float or tensor [P])."""

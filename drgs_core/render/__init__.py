@@ -2,7 +2,8 @@
 
 Public API (units: mm, 1/mm, pixels; images [H, W] = [detector row v, column u]; volumes [nx, ny, nz]):
 
-    rasterize(means, scales, rotations, rho, camera, means2d=None, backend="auto") -> RasterResult
+    rasterize(means, scales, rotations, rho, camera, means2d=None, backend="auto", pair_capacity=None)
+        -> RasterResult
     voxelize(means, scales, rotations, rho, grid, backend="auto", chunk=None) -> [nx, ny, nz]
     rasterize_dense(...)  all-pixel reference evaluation (tiny problems / tests; torch only)
     active_backend(device) -> "cuda" | "torch"
@@ -13,7 +14,7 @@ Backends
 `drgs_core.render.cuda_backend` (which wraps the extension `drgs_core._C`).  That module is imported lazily
 on first use; if it (or the extension) is missing, or it defines `available()` returning False, only the torch
 backend exists.  Contract for `cuda_backend`: it provides
-    rasterize(means, scales, rotations, rho, camera, means2d) -> RasterResult
+    rasterize(means, scales, rotations, rho, camera, means2d, pair_capacity) -> RasterResult
     voxelize(means, scales, rotations, rho, grid, chunk) -> Tensor [nx, ny, nz]   (chunk may be None)
 following the same numerical rules.  backend="auto" uses CUDA for CUDA tensors when it is available, else torch.
 """
@@ -91,18 +92,25 @@ def _check(means, scales, rotations, rho, means2d=None):
                                  f"{expected} (P = number of Gaussians, taken from means [P, 3])")
 
 
-def rasterize(means, scales, rotations, rho, camera, means2d=None, backend: str = "auto") -> RasterResult:
+def rasterize(means, scales, rotations, rho, camera, means2d=None, backend: str = "auto",
+              pair_capacity: int | None = None) -> RasterResult:
     """Render the X-ray line-integral image of Gaussians for one camera (METHOD §5).
 
     means [P, 3] world mm; scales [P, 3] mm (activated std devs); rotations [P, 4] quaternions (w, x, y, z),
-    normalised inside; rho [P] 1/mm; camera: `drgs_core.geometry.Camera`; means2d: optional zero leaf tensor
-    [P, 2] with requires_grad, added to the projected centres so that after backward `means2d.grad` is
-    dLoss/d(projected centre) in pixels.  Returns `RasterResult(image [H, W], radii [P] int32, visible [P] bool,
-    centres [P, 2] pixels)`.  Differentiable w.r.t. means, scales, rotations, rho and means2d.
+    normalised inside; rho [P] 1/mm; camera: `geometry.Camera` or `geometry.PackedCamera`; means2d: optional
+    zero leaf tensor [P, 2] with requires_grad, added to the projected centres so that after backward
+    `means2d.grad` is dLoss/d(projected centre) in pixels.  Returns `RasterResult(image [H, W], radii [P] int32,
+    visible [P] bool, centres [P, 2] pixels, n_pairs)`.  Differentiable w.r.t. means, scales, rotations, rho and
+    means2d.
+
+    pair_capacity (CUDA backend only, ignored by torch): None sizes the kernels' (tile, Gaussian) pair list
+    exactly, which waits once for the GPU; a number fixes its size so that the call never waits (required
+    inside a CUDA graph).  Then `result.n_pairs > pair_capacity` (on the device) flags an image that lost
+    contributions; the trainer skips such an update and re-captures with room to spare.
     """
     _check(means, scales, rotations, rho, means2d)
     if _resolve(backend, means.device) == "cuda":
-        return _cuda_module().rasterize(means, scales, rotations, rho, camera, means2d)
+        return _cuda_module().rasterize(means, scales, rotations, rho, camera, means2d, pair_capacity)
     return torch_ref.rasterize(means, scales, rotations, rho, camera, means2d)
 
 

@@ -44,6 +44,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..geometry import PackedCamera
+
 #: Gaussians whose camera-space depth is below this fraction of T[2] (= sad) are culled.
 NEAR_FRACTION = 0.2
 #: Footprint half-width in standard deviations (per axis, pixels or voxels).
@@ -59,12 +61,16 @@ class RasterResult(NamedTuple):
     radii   [P] int32  ceil of the larger 3-sigma footprint half-width in pixels; 0 = not visible.
     visible [P] bool   the Gaussian contributes to at least one pixel centre.
     centres [P, 2]     projected centres (u_c, v_c) in pixels, detached; (0, 0) for culled Gaussians.
+    n_pairs            CUDA backend: 0-d int64 device tensor, the (tile, Gaussian) pairs the image needed;
+                       more than the `pair_capacity` asked for means contributions were dropped.  None
+                       for the torch backend.
     """
 
     image: torch.Tensor
     radii: torch.Tensor
     visible: torch.Tensor
     centres: torch.Tensor
+    n_pairs: torch.Tensor | None = None
 
 
 class Projection(NamedTuple):
@@ -146,9 +152,13 @@ def axis_variances(scales: torch.Tensor, rotations: torch.Tensor) -> torch.Tenso
 # Projection
 # ---------------------------------------------------------------------------------------------
 def camera_parameters(camera, like: torch.Tensor):
-    """(R [3,3], T [3]) of `camera` as `like`'s dtype/device, plus (fx, fy, cx, cy) floats (pixels)."""
+    """(R [3,3], T [3]) of a `Camera` or `PackedCamera` as `like`'s dtype/device, plus (fx, fy, cx, cy)
+    floats (pixels)."""
     R = torch.as_tensor(camera.R).to(dtype=like.dtype, device=like.device)
     T = torch.as_tensor(camera.T).to(dtype=like.dtype, device=like.device)
+    if isinstance(camera, PackedCamera):
+        fx, fy, cx, cy = camera.params[12:16].tolist()
+        return R, T, fx, fy, cx, cy
     return R, T, float(camera.fx), float(camera.fy), float(camera.cx), float(camera.cy)
 
 
