@@ -178,7 +178,10 @@ def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, 
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
     opt = make_optimizer(model, cfg, capturable)
+    modes = [(g["fused"], g["capturable"]) for g in opt.param_groups]
     opt.load_state_dict(payload["optimizer"])
+    for g, (fused, capt) in zip(opt.param_groups, modes):  # this run's mode, not the one that saved it
+        g["fused"], g["capturable"] = fused, capt
     set_learning_rates(opt, model, cfg, 0)
     s = payload["stats"]
     stats = DensityStats(s["grad_sum"], s["rho_sum"], s["visible_count"])
