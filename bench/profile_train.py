@@ -1,8 +1,10 @@
 """Where does a training iteration's time go?  torch.profiler over a few dozen iterations of the real loop.
 
 Sets the model up exactly as drgs_core.pipeline does (FDK init on the training views, calibrated attenuation),
-runs `--warmup` iterations of drgs_core.train.train unprofiled (reports it/s), then `--iters` iterations under
-torch.profiler and prints the top operators by GPU time and by CPU time, plus the GPU-busy fraction.
+runs `--warmup` iterations of drgs_core.train.train unprofiled, replayed from a CUDA graph and then launched
+eagerly (reports both it/s), then `--iters` eager iterations under torch.profiler (inside a graph replay the
+profiler cannot name the kernels; their GPU time is the same) and prints the top operators by GPU time and by
+CPU time, plus the GPU-busy fraction.
 
     python bench/profile_train.py CASE_DIR [--views 30] [--warmup 300] [--iters 50]
 """
@@ -12,9 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
-
 
 
 def main():
@@ -46,23 +46,25 @@ def main():
     cams = [case.geometry.camera(int(k), device=dev) for k in idx]
     times = case.times[idx]
 
-    def run(n):
+    def run(n, graph):
         cfg = TrainConfig(schedule="fast", iterations=n, densify_until=10**9, densify_from=10**9,
-                          progress_every=max(1, n // 4), checkpoint_every=10**9)
+                          progress_every=max(1, n // 4), checkpoint_every=10**9, cuda_graph=graph)
         torch.cuda.synchronize()
         t = time.perf_counter()
         r = train(model, dsa, cams, times, cfg, n_views=args.views)
         torch.cuda.synchronize()
         return n / (time.perf_counter() - t), r
 
-    rate, _ = run(args.warmup)
-    print(f"{model.n} Gaussians, {case.geometry.height}x{case.geometry.width}: {rate:.1f} it/s "
-          f"({1000 / rate:.2f} ms/it) over {args.warmup} iterations (no density control)")
+    for graph in (True, False):
+        rate, r = run(args.warmup, graph)
+        print(f"{model.n} Gaussians, {case.geometry.height}x{case.geometry.width}, "
+              f"{'CUDA graph' if r['cuda_graph'] else 'eager'}: {rate:.1f} it/s ({1000 / rate:.2f} ms/it) over "
+              f"{args.warmup} iterations incl. set-up (median {r['it_per_s']:.1f} it/s; no density control)")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
-        run(args.iters)
+        run(args.iters, False)
         wall = time.perf_counter() - t
     ka = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CPU") / args.iters
@@ -72,7 +74,6 @@ def main():
     print(ka.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    _ = np
 
 
 if __name__ == "__main__":
