@@ -178,6 +178,7 @@ def main():
         "heldout_ssim": m.get("heldout_ssim"), "train_psnr": m.get("train_psnr"), "phantom_s": t_ph,
         "backend": m.get("backend"), "command": command, "cuda_graph": m.get("cuda_graph"),
         "graph_captures": m.get("graph_captures"), "skipped_iterations": m.get("skipped_iterations"),
+        "detector_binning": m.get("detector_binning"),
     }
     print(json.dumps(summary, indent=1))
     print("\nfunction times (s, summed over calls): " + ", ".join(f"{k} {v:.2f}" for k, v in
@@ -195,7 +196,9 @@ def main():
         step_txt = (f"graph ({m.get('graph_captures')} captures, {m.get('skipped_iterations')} skipped)"
                     if m.get("cuda_graph") else "eager")
         line = "| " + " | ".join([
-            info["date"], str(info.get("card")), str(info.get("driver")), args.preset, str(args.views),
+            info["date"], str(info.get("card")), str(info.get("driver")),
+            args.preset + (f" (binned {m['detector_binning']}x)" if m.get("detector_binning", 1) > 1 else ""),
+            str(args.views),
             args.schedule, fmt(m.get("iterations")), fmt(m.get("fdk_s")), fmt(m.get("it_per_s"), 1),
             fmt(tim.get("train"), 1), fmt(tim.get("voxelize")), fmt(tim.get("mesh")), fmt(tim.get("write"), 1),
             fmt(wall, 1), fmt(m.get("peak_gpu_memory_gb")), fmt(m.get("n_gaussians")), fmt(truth.get("cd_mm")),

@@ -109,7 +109,7 @@ def cmd_fdk(a) -> int:
     from .pipeline import run_fdk
 
     metrics = run_fdk(a.case, a.out, views=a.views, device=a.device, iso_level=a.iso_level,
-                      use_secondary_angle=not a.ignore_secondary_angle)
+                      use_secondary_angle=not a.ignore_secondary_angle, detector_binning=a.detector_binning)
     row = {"method": "FDK", "time_s": metrics["fdk_s"], **metrics.get("truth", {})}
     print(format_table([row], SUMMARY_COLUMNS))
     print(f"volume: {Path(a.out) / 'volume.nii.gz'}  metrics: {Path(a.out) / 'metrics.json'}")
@@ -149,7 +149,7 @@ def _reconstruct_config(a):
 
     keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
             "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
-            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until"]
+            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     d["use_secondary_angle"] = not a.ignore_secondary_angle
     d["cuda_graph"] = not getattr(a, "no_cuda_graph", False)
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iso-level", type=float, help="iso-level for the evaluation surface (default: robust automatic)")
     s.add_argument("--ignore-secondary-angle", action="store_true",
                    help="treat each frame's SecondaryAngle as 0, as the reference implementation does")
+    s.add_argument("--detector-binning", default="auto",
+                   help="merge N x N detector pixels before reconstructing: 'auto' (default: as long as a merged pixel "
+                        "stays within a voxel at the isocentre) or 1, 2, ...")
     s.set_defaults(func=cmd_fdk)
 
     s = sub.add_parser("evaluate", help="evaluate a result folder against ground truth or a reference mesh")
@@ -272,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot-every", type=int, help="write a preview volume and mesh every N iterations")
     s.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    s.add_argument("--detector-binning", default="auto",
+                   help="merge N x N detector pixels before reconstructing: 'auto' (default: as long as a merged pixel "
+                        "stays within a voxel at the isocentre) or 1, 2, ...")
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -267,6 +267,31 @@ class ConeBeamGeometry:
         R = self.rotations(frames)
         return -np.einsum("nji,j->ni", R, self.translation())
 
+    def binned(self, factor: int) -> "ConeBeamGeometry":
+        """The same acquisition read out with factor x factor detector pixels merged into one.
+
+        Binned pixel (i, j) covers pixels factor*i .. factor*i + factor - 1 (rows, likewise columns), and its
+        centre lands exactly where those pixels' mean centre was, because cx = (W - 1) / 2 in both."""
+        H, W = self.detector_shape
+        factor = int(factor)
+        if factor < 1 or H % factor or W % factor:
+            raise DRGSInputError("detector binning does not divide the detector", f"{factor} for {H} x {W}",
+                                 "a factor >= 1 that divides both the height and the width",
+                                 "choose another --detector-binning (or 'auto')")
+        sx, sy = self.detector_spacing
+        return ConeBeamGeometry(self.sad, self.sid, (H // factor, W // factor), (sx * factor, sy * factor),
+                                self.primary_angles, self.secondary_angles)
+
+    def auto_binning(self, voxel_size: float) -> int:
+        """The largest factor dividing the detector for which a binned pixel, scaled to the isocentre, is still
+        no larger than `voxel_size` (mm): finer detector sampling than the volume's adds noise, not detail."""
+        pixel_at_iso = max(self.detector_spacing) * self.sad / self.sid
+        factor = max(1, int(np.floor(voxel_size / pixel_at_iso + 1e-9)))
+        H, W = self.detector_shape
+        while H % factor or W % factor:
+            factor -= 1
+        return factor
+
     def subset(self, frames) -> "ConeBeamGeometry":
         frames = np.asarray(frames)
         return ConeBeamGeometry(self.sad, self.sid, self.detector_shape, self.detector_spacing,

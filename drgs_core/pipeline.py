@@ -73,6 +73,7 @@ class ReconstructConfig:
     densify_until: int | None = None
     use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
     cuda_graph: bool = True            # replay training iterations from a CUDA graph (GPU with the CUDA kernels)
+    detector_binning: int | str = "auto"  # merge k x k detector pixels; "auto": down to about the voxel size
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -91,6 +92,8 @@ class ReconstructConfig:
             raise DRGSInputError("views must be at least 1", str(self.views), ">= 1")
         if self.times_4d < 1:
             raise DRGSInputError("times_4d must be at least 1", str(self.times_4d), ">= 1")
+        if self.detector_binning != "auto":
+            self.detector_binning = binning_factor(self.detector_binning, None)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ReconstructConfig":
@@ -132,8 +135,28 @@ def resolve_device(name: str) -> torch.device:
 
 def load_case(cfg: ReconstructConfig):
     if cfg.case is not None:
-        return read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
-    return read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
+        case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
+    else:
+        case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
+    return case.binned(binning_factor(cfg.detector_binning, case))
+
+
+def binning_factor(setting, case) -> int:
+    """The detector binning to use: an explicit factor, or "auto" (`ConeBeamGeometry.auto_binning`).
+
+    A detector sampled much finer than the volume's voxels only adds noise: sparse-view FDK gets noisier, and
+    the density-control gradients, averaged over more and noisier pixels, fall below the clone / split
+    threshold (on the demo phantom a 192^2 instead of a 96^2 detector took CD from 2.7 to 4.9 mm)."""
+    if setting == "auto":
+        return case.geometry.auto_binning(case.grid.min_spacing)
+    try:
+        factor = int(setting)
+    except (TypeError, ValueError):
+        factor = 0
+    if factor < 1:
+        raise DRGSInputError("detector_binning must be 'auto' or a positive integer", repr(setting),
+                             "'auto', 1 (no binning), 2, 3, ...")
+    return factor
 
 
 def _sync(device):
@@ -347,6 +370,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "fdk_s": timer.times["fdk"], "timings_s": dict(timer.times),
         "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
+        "detector_binning": case.meta.get("detector_binning", 1),
         "densify": result["densify"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
@@ -367,7 +391,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
 
 
 def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None,
-            use_secondary_angle: bool = True) -> dict:
+            use_secondary_angle: bool = True, detector_binning: int | str = "auto") -> dict:
     """Classical baseline: FDK from `views` evenly spaced frames -> out/volume.nii.gz and out/metrics.json.
 
     The iso-level (for the evaluation surface of a phantom) defaults to `robust_iso_level`, which separates the
@@ -376,6 +400,7 @@ def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: fl
     dev = resolve_device(device)
     t0 = time.perf_counter()
     case = read_case(case_path, use_secondary=use_secondary_angle)
+    case = case.binned(binning_factor(detector_binning, case))
     idx = view_indices(case.n_frames, views)
     proj = torch.as_tensor(case.dsa[idx], device=dev)
     t1 = time.perf_counter()
@@ -386,7 +411,7 @@ def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: fl
     write_volume(out / "volume.nii.gz", vol, case.grid)
     level = float(iso_level) if iso_level is not None else float(robust_iso_level(vol))
     metrics = {"method": "FDK", "views": int(views), "fdk_s": t_fdk, "total_s": time.perf_counter() - t0,
-               "iso_level": level, "device": str(dev)}
+               "iso_level": level, "device": str(dev), "detector_binning": case.meta.get("detector_binning", 1)}
     truth = Path(case_path) / "truth"
     if (truth / "volume.nii.gz").exists():
         from .evaluate import evaluate_volume

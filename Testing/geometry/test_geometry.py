@@ -101,3 +101,34 @@ def test_frame_times_and_view_selection():
     assert len(view_indices(133, 30)) == 30 and view_indices(133, 133).tolist() == list(range(133))
     with pytest.raises(DRGSInputError, match="views"):
         view_indices(10, 11)
+
+
+@pytest.mark.parametrize("factor", [2, 5])
+def test_binned_detector_pixels_sit_at_the_mean_of_the_merged_pixels(geo, factor):
+    """A point on binned pixel (u', v') lies at original pixel factor*(u', v') + (factor - 1)/2."""
+    X = np.random.default_rng(1).uniform(-60, 60, size=(15, 3))
+    uv, depth = geo.project(X)
+    binned = geo.binned(factor)
+    assert binned.detector_shape == (70 // factor, 90 // factor)
+    uv_b, depth_b = binned.project(X)
+    assert np.allclose(factor * uv_b + (factor - 1) / 2, uv, atol=1e-9)
+    assert np.allclose(depth_b, depth)
+    assert geo.binned(1).detector_shape == geo.detector_shape
+
+
+def test_binning_that_does_not_divide_the_detector_is_refused(geo):
+    with pytest.raises(DRGSInputError, match="binning"):
+        geo.binned(3)   # 70 x 90: 3 does not divide 70
+    with pytest.raises(DRGSInputError, match="binning"):
+        geo.binned(0)
+
+
+def test_auto_binning_merges_down_to_about_the_voxel_size():
+    # pixel at the isocentre = 0.6 mm * 750 / 1200 = 0.375 mm
+    g = ConeBeamGeometry(750.0, 1200.0, (96, 96), (0.6, 0.6), [0.0])
+    assert g.auto_binning(0.3) == 1      # pixels already coarser than the voxels
+    assert g.auto_binning(0.75) == 2     # two pixels per voxel
+    assert g.auto_binning(1.2) == 3      # 3.2 pixels per voxel, 3 divides 96
+    assert g.auto_binning(1.9) == 4      # 5.07 -> 5 does not divide 96 -> 4
+    odd = ConeBeamGeometry(750.0, 1200.0, (97, 96), (0.6, 0.6), [0.0])
+    assert odd.auto_binning(1.2) == 1    # nothing above 1 divides 97

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,3 +39,15 @@ class Case:
     @property
     def n_frames(self) -> int:
         return int(self.dsa.shape[0])
+
+    def binned(self, factor: int) -> "Case":
+        """This case with factor x factor detector pixels averaged into one (the DSA line integrals, which is
+        what the renderer models; the raw runs are dropped).  factor 1 returns the case itself."""
+        if int(factor) == 1:
+            return self
+        geometry = self.geometry.binned(factor)
+        n, H, W = self.dsa.shape
+        dsa = self.dsa.reshape(n, H // factor, factor, W // factor, factor).mean(axis=(2, 4), dtype=np.float64)
+        meta = {**self.meta, "detector_binning": int(factor), "detector_shape_unbinned": [int(H), int(W)]}
+        return dataclasses.replace(self, dsa=dsa.astype(np.float32), geometry=geometry, fill=None, mask=None,
+                                   meta=meta)
