@@ -208,6 +208,12 @@ def cmd_demo(a) -> int:
 
 
 # ---- parser -----------------------------------------------------------------------------------------
+def _add_binning_argument(s) -> None:
+    s.add_argument("--detector-binning", default="auto",
+                   help="merge N x N detector pixels before reconstructing: 'auto' (default: as long as a merged pixel "
+                        "stays within a voxel at the isocentre) or 1, 2, ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="drgs4d", description="Sparse-view 3D/4D vessel reconstruction from rotational "
                                 "DSA with 4D radiative Gaussian splatting (4DRGS).")
@@ -234,9 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iso-level", type=float, help="iso-level for the evaluation surface (default: robust automatic)")
     s.add_argument("--ignore-secondary-angle", action="store_true",
                    help="treat each frame's SecondaryAngle as 0, as the reference implementation does")
-    s.add_argument("--detector-binning", default="auto",
-                   help="merge N x N detector pixels before reconstructing: 'auto' (default: as long as a merged pixel "
-                        "stays within a voxel at the isocentre) or 1, 2, ...")
+    _add_binning_argument(s)
     s.set_defaults(func=cmd_fdk)
 
     s = sub.add_parser("evaluate", help="evaluate a result folder against ground truth or a reference mesh")
@@ -275,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot-every", type=int, help="write a preview volume and mesh every N iterations")
     s.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    s.add_argument("--detector-binning", default="auto",
-                   help="merge N x N detector pixels before reconstructing: 'auto' (default: as long as a merged pixel "
-                        "stays within a voxel at the isocentre) or 1, 2, ...")
+    _add_binning_argument(s)
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
