@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--allow-torch", action="store_true", help="run even if the CUDA kernels are not in use")
     ap.add_argument("--reuse-phantom", action="store_true", help="reuse an existing phantom folder in --out")
     ap.add_argument("--no-cuda-graph", action="store_true", help="launch the training kernels eagerly (A/B)")
+    ap.add_argument("--detector-binning", default="auto", help="'auto' (default) or a factor (1 = every pixel)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_paper needs a CUDA device")
@@ -149,7 +150,7 @@ def main():
     torch.cuda.reset_peak_memory_stats()
     cfg = ReconstructConfig(out=str(run_dir), case=str(case_dir), views=args.views, schedule=args.schedule,
                             iterations=args.iterations, device="cuda", seed=args.seed,
-                            cuda_graph=not args.no_cuda_graph)
+                            cuda_graph=not args.no_cuda_graph, detector_binning=args.detector_binning)
     events = []
 
     def on_event(e):
