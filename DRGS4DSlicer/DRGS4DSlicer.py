@@ -41,6 +41,7 @@ log = logging.getLogger("DRGS4D")
 INPUT_MODES = ["case folder", "files", "scene volumes"]
 DEVICES = ["auto", "cpu"] + [f"cuda:{i}" for i in range(8)]
 PRESETS = ["none", "demo", "tiny"]
+DETECTOR_BINNING = ["auto", "1", "2", "3", "4"]
 SCHEDULE_ITERATIONS = {"fast": 10000, "full": 30000}
 PRESET_ITERATIONS = {"demo": 1200, "tiny": 150}
 
@@ -84,7 +85,7 @@ class DRGS4DSlicerParameterNode:
 
     Inputs: inputMode, caseFolder | fillFile + maskFile | fillVolume + maskVolume, and geometryFile.
     Settings: views (training frames), schedule, iterations, device, previewInterval (iterations between
-    snapshots, 0 = off), outputFolder, load options, seed, preset, staticField, external Python.
+    snapshots, 0 = off), outputFolder, load options, seed, preset, detectorBinning, staticField, external Python.
     Results: resultVolume, resultSegmentation, threshold (1/mm); nFrames and lastRunFolder are bookkeeping.
     """
 
@@ -106,6 +107,7 @@ class DRGS4DSlicerParameterNode:
     showVolumeRendering: bool = True
     seed: Annotated[int, Minimum(0)] = 0
     preset: Annotated[str, Choice(PRESETS)] = "none"
+    detectorBinning: Annotated[str, Choice(DETECTOR_BINNING)] = "auto"
     staticField: bool = False
     useExternalPython: bool = False
     pythonExecutable: pathlib.Path
@@ -527,7 +529,8 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
             **self.inputRequest(p, runDir / "inputs"),
             out=str(runDir), views=int(p.views), schedule=p.schedule, iterations=int(p.iterations), device=p.device,
             seed=int(p.seed), snapshot_every=int(p.previewInterval), static_field=bool(p.staticField),
-            preset=None if p.preset == "none" else p.preset)
+            preset=None if p.preset == "none" else p.preset,
+            detector_binning=None if p.detectorBinning == "auto" else int(p.detectorBinning))
         return self.startRequest(request, runDir, self.caseName(p), p, onPreviewVolume)
 
     def resumeReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:

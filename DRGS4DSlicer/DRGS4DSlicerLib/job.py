@@ -25,7 +25,7 @@ CHECKPOINT_FILE = "checkpoint.pt"  # where drgs_core.pipeline keeps the training
 REQUEST_KEYS = ("case", "fill", "mask", "geometry", "out", "views", "schedule", "iterations", "device", "seed",
                 "snapshot_every", "checkpoint_every", "resume", "static_field", "iso_level", "preset",
                 "n_gaussians", "init_threshold", "log2_table_size", "times_4d", "cine_frame", "progress_every",
-                "densify_until")
+                "densify_until", "detector_binning")
 
 
 def make_request(**fields) -> dict:

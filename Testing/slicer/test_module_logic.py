@@ -110,6 +110,7 @@ def test_module_metadata_and_parameter_defaults(module):
     assert parent.title == "DRGS4D" and parent.categories and "Reconstruct" in parent.helpText
     p = module.DRGS4DSlicerLogic().getParameterNode()
     assert p.inputMode == "case folder" and p.views == 30 and p.schedule == "fast" and p.device == "auto"
+    assert p.detectorBinning == "auto"
     assert module._path(p.caseFolder) is None and module._path(pathlib.Path("/x")) == "/x"
 
 
@@ -128,13 +129,13 @@ def test_logic_runs_a_case_and_works_on_the_results(module, tiny_case, tmp_path)
     p.caseFolder = pathlib.Path(tiny_case)
     p.outputFolder = tmp_path / "out"
     p.views, p.iterations, p.previewInterval, p.preset, p.device = 8, 100, 50, "tiny", "cpu"
-    p.loadRenderedDSA = False
+    p.loadRenderedDSA, p.detectorBinning = False, "1"
     previews = []
     job = logic.startReconstruction(p, onPreviewVolume=previews.append)
     assert job.run_dir.parent == tmp_path / "out" and job.run_dir.name.startswith(pathlib.Path(tiny_case).name + "_")
     assert job.request == {"case": tiny_case, "out": str(job.run_dir), "views": 8, "schedule": "fast",
                            "iterations": 100, "device": "cpu", "seed": 0, "snapshot_every": 50,
-                           "static_field": False, "preset": "tiny"}
+                           "static_field": False, "preset": "tiny", "detector_binning": 1}
     state = _wait(job)
     assert state.status == "done", (state.error, job.log_lines[-20:])
     assert len(previews) == 1  # the hook runs once, when the preview node is created
