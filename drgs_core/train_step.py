@@ -77,7 +77,8 @@ class StepRunner:
             return self._iteration(model, opt, stats, capacity=None)
         key = (model.means, stats, opt)
         if self._graph is not None and all(a is b for a, b in zip(key, self._graph_for)):
-            self._graph.replay()
+            with torch.cuda.device(self.device):
+                self._graph.replay()
             return self._graph_loss
         return self._capture(model, opt, stats, key)
 
@@ -120,6 +121,11 @@ class StepRunner:
         return loss.detach()
 
     def _capture(self, model, opt, stats, key) -> torch.Tensor:
+        # Capture streams belong to the current device: make it the model's (e.g. cuda:1).
+        with torch.cuda.device(self.device):
+            return self._capture_on_device(model, opt, stats, key)
+
+    def _capture_on_device(self, model, opt, stats, key) -> torch.Tensor:
         # This iteration runs eagerly (with an exactly sized pair list) on a side stream, as CUDA-graph
         # capture wants: it creates the optimizer state and library workspaces and measures the pair count.
         self.invalidate()
