@@ -61,6 +61,7 @@ class StepRunner:
         self._graph = None
         self._graph_loss = None
         self._graph_for = None
+        self._stream = None
 
     # ------------------------------------------------------------------ per iteration
     def load(self, k: int, t: float) -> None:
@@ -131,7 +132,9 @@ class StepRunner:
         self.invalidate()
         opt.found_inf = None
         opt.zero_grad(set_to_none=True)
-        side = torch.cuda.Stream(self.device)
+        if self._stream is None:  # our own: torch's shared default capture stream lives on the first device used
+            self._stream = torch.cuda.Stream(self.device)
+        side = self._stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             loss = self._iteration(model, opt, stats, capacity=None)
@@ -142,7 +145,7 @@ class StepRunner:
         opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 graph_loss = self._iteration(model, opt, stats, capacity=self.capacity)
         except RuntimeError as exc:  # e.g. an op that cannot be captured: keep training, eagerly
             log.warning("CUDA graph capture failed (%s); training continues without graphs", exc)

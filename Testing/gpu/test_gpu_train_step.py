@@ -8,13 +8,13 @@ from _gpu_testlib import geometry
 pytestmark = pytest.mark.gpu
 
 
-def _setup(seed=0):
+def _setup(seed=0, device="cuda"):
     """A small 4D model initialised from a blob volume, 4 views of a 72 x 100 detector, a target stack."""
     from drgs_core.geometry import VolumeGrid
     from drgs_core.model.gaussians import GaussianModel
     from drgs_core.train import TrainConfig, make_optimizer
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
     torch.manual_seed(seed)
     grid = VolumeGrid((24, 24, 24), (2.5, 2.5, 2.5))
     x = torch.linspace(-1, 1, 24)
@@ -69,6 +69,26 @@ def test_graph_replay_matches_eager_steps(ext):
     assert n_moved >= 4
     assert torch.equal(s_g.visible_count, s_e.visible_count)
     assert torch.allclose(s_g.grad_sum, s_e.grad_sum, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_graph_step_runs_on_a_second_gpu(ext):
+    """A model on cuda:1 while cuda:0 is current: capture and replay happen on the model's device."""
+    from drgs_core.train_step import StepRunner
+
+    model, dsa, cams, cfg, make_optimizer = _setup(2, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    opt = make_optimizer(model, cfg, capturable=True)
+    runner = StepRunner(model, dsa, cams, 2.0, 0.2, use_graph=True)
+    before = _params(model)
+    losses = []
+    for it, k in enumerate([0, 1, 2, 3]):
+        runner.load(k, 0.2 * it)
+        losses.append(float(runner.run(model, opt, None)))
+    torch.cuda.synchronize("cuda:1")
+    assert runner.use_graph and runner.captures == 1 and runner.skipped == 0
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(_params(model), before))
 
 
 def test_overflowing_view_is_skipped_then_capacity_grows(ext):
