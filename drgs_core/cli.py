@@ -152,7 +152,7 @@ def _reconstruct_config(a):
             "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     d["use_secondary_angle"] = not a.ignore_secondary_angle
-    d["cuda_graph"] = not getattr(a, "no_cuda_graph", False)
+    d["cuda_graph"] = not a.no_cuda_graph
     if "init_threshold" in d and d["init_threshold"] != "auto":
         d["init_threshold"] = float(d["init_threshold"])
     return ReconstructConfig.from_dict(d)

@@ -11,11 +11,12 @@ FWD_TOL = 1e-4
 GRAD_TOL = 1e-3
 
 
-def _run(fn, means, scales, rots, rho, cam, G):
-    """Forward + backward of sum(G * image); returns (result, grads of means, scales, rotations, rho, means2d)."""
+def _run(fn, means, scales, rots, rho, cam, G, **kw):
+    """Forward + backward of sum(G * image); returns (result, grads of means, scales, rotations, rho, means2d).
+    kw goes to `fn` (e.g. pair_capacity)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (means, scales, rots, rho)]
     m2 = torch.zeros(means.shape[0], 2, dtype=means.dtype, device=means.device, requires_grad=True)
-    res = fn(*leaves, cam, m2)
+    res = fn(*leaves, cam, m2, **kw)
     if res.image.requires_grad:
         (res.image.double() * G).sum().backward()
     grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves + [m2]]
@@ -141,14 +142,6 @@ def test_public_dispatch_picks_cuda(ext):
     assert torch.equal(a.image, b.image)
 
 
-def _grads_of(fn, leaves_src, cam, G, **kw):
-    leaves = [t.detach().clone().requires_grad_(True) for t in leaves_src]
-    m2 = torch.zeros(leaves[0].shape[0], 2, device=leaves[0].device, requires_grad=True)
-    res = fn(*leaves, cam, m2, **kw)
-    (res.image * G).sum().backward()
-    return res, [t.grad for t in leaves + [m2]]
-
-
 def test_pair_capacity_with_room_is_exact(ext):
     """A fixed pair list with spare room gives bit-identical images and gradients to the exact list."""
     from drgs_core.render import cuda_backend
@@ -158,10 +151,10 @@ def test_pair_capacity_with_room_is_exact(ext):
     src = scene("mixed", 2500, 11, dev, geo)
     cam = geo.camera(0, device=dev)
     G = torch.randn(geo.height, geo.width, generator=torch.Generator().manual_seed(3)).to(dev)
-    exact, g_exact = _grads_of(cuda_backend.rasterize, src, cam, G)
+    exact, g_exact = _run(cuda_backend.rasterize, *src, cam, G)
     n = int(exact.n_pairs)
     assert n > 2500
-    roomy, g_roomy = _grads_of(cuda_backend.rasterize, src, cam, G, pair_capacity=n + 777)
+    roomy, g_roomy = _run(cuda_backend.rasterize, *src, cam, G, pair_capacity=n + 777)
     assert int(roomy.n_pairs) == n
     assert torch.equal(roomy.image, exact.image)
     for a, b in zip(g_roomy, g_exact):
@@ -177,9 +170,9 @@ def test_pair_capacity_overflow_is_flagged_and_safe(ext):
     src = scene("mixed", 2500, 12, dev, geo)
     cam = geo.camera(0, device=dev)
     G = torch.ones(geo.height, geo.width, device=dev)
-    exact, _ = _grads_of(cuda_backend.rasterize, src, cam, G)
+    exact, _ = _run(cuda_backend.rasterize, *src, cam, G)
     n = int(exact.n_pairs)
-    short, g_short = _grads_of(cuda_backend.rasterize, src, cam, G, pair_capacity=n // 3)
+    short, g_short = _run(cuda_backend.rasterize, *src, cam, G, pair_capacity=n // 3)
     assert int(short.n_pairs) == n > n // 3
     assert torch.isfinite(short.image).all()
     for g in g_short:
@@ -213,7 +206,7 @@ def test_graph_replay_renders_any_view(ext):
     src = scene("mixed", 2000, 14, dev, geo)
     views = [geo.camera(k, device=dev).pack(dev) for k in (0, 1)]
     G = torch.randn(geo.height, geo.width, generator=torch.Generator().manual_seed(5)).to(dev)
-    expected = [_grads_of(cuda_backend.rasterize, src, v, G) for v in views]
+    expected = [_run(cuda_backend.rasterize, *src, v, G) for v in views]
     capacity = 2 * max(int(e[0].n_pairs) for e in expected)
 
     buf = PackedCamera(views[0].params.clone(), views[0].width, views[0].height)
@@ -221,7 +214,7 @@ def test_graph_replay_renders_any_view(ext):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture
-        _grads_of(cuda_backend.rasterize, src, buf, G, pair_capacity=capacity)
+        _run(cuda_backend.rasterize, *src, buf, G, pair_capacity=capacity)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
