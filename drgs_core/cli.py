@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_dicom
 from .errors import DRGSInputError
 
 log = logging.getLogger("drgs4d")
@@ -149,7 +149,8 @@ def _reconstruct_config(a):
 
     keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
             "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
-            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning"]
+            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning",
+            "dicom", "fill_uid", "mask_uid"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     d["use_secondary_angle"] = not a.ignore_secondary_angle
     d["cuda_graph"] = not a.no_cuda_graph
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cli_dicom.add_reconstruct_arguments(s)
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser("demo", help="phantom -> FDK -> static field -> 4DRGS -> evaluation table and figure")
@@ -293,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_demo)
+    cli_dicom.add_parser(sub)
     return p
 
 

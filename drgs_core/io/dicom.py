@@ -91,6 +91,7 @@ class Run:
     intensity: str = ""
     problem: str | None = None
     warnings: list = field(default_factory=list)
+    error: DRGSInputError | None = field(default=None, repr=False)   # the exception behind `problem`
 
     @property
     def n_frames(self) -> int:
@@ -438,7 +439,7 @@ def runs_in_dataset(ds, path) -> list[Run]:
             raise where.error("TableMotion", "is DYNAMIC", "STATIC: the table must not move during the rotation",
                               "choose a run acquired without table motion")
     except DRGSInputError as exc:
-        return [Run(id=uid, frames=(0, n), problem=str(exc), warnings=warnings, **base)]
+        return [Run(id=uid, frames=(0, n), problem=str(exc), error=exc, warnings=warnings, **base)]
     parts = _split_rotations(primary)
     runs = []
     for i, (start, stop) in enumerate(parts):
@@ -449,7 +450,7 @@ def runs_in_dataset(ds, path) -> list[Run]:
         try:
             _check_sequence(run, where)
         except DRGSInputError as exc:
-            run.problem = str(exc)
+            run.problem, run.error = str(exc), exc
         runs.append(run)
     return runs
 
@@ -557,6 +558,26 @@ def _resolve(runs: list[Run], key: str, role: str) -> Run:
     return run
 
 
+def _no_pair_error(runs: list[Run]) -> DRGSInputError:
+    """The most useful explanation of why no pair was found: a bad file's own error, or why runs differ."""
+    usable = [r for r in runs if r.usable]
+    bad = [r for r in runs if not r.usable]
+    fix = "check the listing (drgs4d import-dicom DIR --list) and give --fill and --mask explicitly"
+    if len(usable) < 2 and bad:
+        e = bad[0].error
+        others = f" ({len(bad) - 1} more unusable runs in the listing)" if len(bad) > 1 else ""
+        return DRGSInputError(f"no usable mask/fill pair: {e.what}{others}", e.found, e.expected, e.fix or fix)
+    reasons = []
+    for i, a in enumerate(usable):
+        for b in usable[i + 1:]:
+            why = _mismatch(a, b) or "their angles do not match frame for frame within half a step"
+            reasons.append(f"{a.id} / {b.id}: {why}")
+    return DRGSInputError("no mask/fill pair of rotational runs was found",
+                          f"{len(runs)} XA runs, {len(usable)} usable" + ("; " if reasons else "")
+                          + "; ".join(reasons[:6]), "two rotations of one acquisition (same study, frame count, "
+                          "detector, SID/SOD, spacing and plane; angles within half a step)", fix)
+
+
 def choose_pair(runs: list[Run], fill: str | None = None, mask: str | None = None) -> Pair:
     """The (mask, fill) pair to import: the given UIDs (checked), or the best automatic pair."""
     if fill is not None and mask is not None:
@@ -579,12 +600,7 @@ def choose_pair(runs: list[Run], fill: str | None = None, mask: str | None = Non
                                  "of the same acquisition", "give both --fill and --mask (see --list)")
         return pairs[0]
     if not pairs:
-        usable = [r for r in runs if r.usable]
-        problems = "; ".join(f"{r.id}: {r.problem}" for r in runs if not r.usable)[:2000]
-        raise DRGSInputError("no mask/fill pair of rotational runs was found",
-                             f"{len(runs)} XA runs, {len(usable)} usable" + (f"; {problems}" if problems else ""),
-                             "two rotations of one acquisition (mask first, then fill)",
-                             "check the listing (--list) and give --fill and --mask explicitly")
+        raise _no_pair_error(runs)
     best = pairs[0]
     if best.fill.plane == "B":
         raise DRGSInputError("the only mask/fill pair found is biplane plane B", f"fill {best.fill.id}, mask "
