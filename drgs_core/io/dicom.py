@@ -171,7 +171,7 @@ def _files(sources) -> list[Path]:
         else:
             raise DRGSInputError("the DICOM source does not exist", str(p),
                                  "a folder of DICOM files, a DICOM file or a .txt list of files", "check the path")
-    return out
+    return list(dict.fromkeys(out))  # each file once, in order
 
 
 def _get(item, keyword, default=None):
@@ -431,6 +431,7 @@ def runs_in_dataset(ds, path) -> list[Run]:
         else:
             primary, secondary, rule = _classic_angles(ds, n, where, warnings)
         primary = np.degrees(np.unwrap(np.radians(primary)))
+        primary -= 360.0 * np.round(np.mean(primary) / 360.0)  # a run crossing +-180 deg stays continuous
         sid, sod = _distances(ds, enhanced, where, warnings)
         spacing = _spacing(ds, enhanced, where)
         intensity = _intensity(ds, enhanced, where, warnings)
@@ -607,6 +608,39 @@ def choose_pair(runs: list[Run], fill: str | None = None, mask: str | None = Non
                              f"{best.mask.id}", "plane A or a single-plane run, or an explicit choice",
                              "pass --fill and --mask to use plane B deliberately")
     return best
+
+
+def pair_geometry(pair: Pair) -> dict:
+    """What the import will derive for a pair, from the headers alone (engine conventions; mm, degrees)."""
+    f = pair.fill
+    alpha, beta = engine_angles(f.primary_deg, f.secondary_deg)
+    row_spacing, col_spacing = f.spacing
+    geometry = ConeBeamGeometry(f.sod, f.sid, (f.rows, f.columns), (col_spacing, row_spacing), alpha, beta)
+    grid = default_grid(geometry)
+    return {"n_frames": f.n_frames, "detector_shape": [f.rows, f.columns],
+            "detector_spacing_mm": [col_spacing, row_spacing], "sad_mm": f.sod, "sid_mm": f.sid,
+            "primary_deg": [float(np.degrees(alpha[0])), float(np.degrees(alpha[-1]))],
+            "secondary_deg": [float(np.degrees(beta.min())), float(np.degrees(beta.max()))],
+            "dicom_primary_deg": [float(f.primary_deg[0]), float(f.primary_deg[-1])],
+            "dicom_secondary_deg": [float(f.secondary_deg.min()), float(f.secondary_deg.max())],
+            "step_deg": f.step_deg, "mask_reversed": pair.reversed,
+            "volume_resolution": list(grid.resolution), "volume_spacing_mm": list(grid.spacing),
+            "angle_rule": f.angle_rule, "warnings": [f"fill: {w}" for w in f.warnings]
+            + [f"mask: {w}" for w in pair.mask.warnings]}
+
+
+def listing(sources) -> dict:
+    """Runs and candidate pairs under `sources` as JSON-ready data (headers only: quick), for listings and the
+    Slicer panel: {"runs": [Run.summary()], "pairs": [Pair.summary() + "geometry"], "preselected": index|None}."""
+    runs = list_runs(sources)
+    pairs = find_pairs(runs)
+    out = []
+    for p in pairs:
+        item = p.summary()
+        item["geometry"] = pair_geometry(p)
+        out.append(item)
+    preselected = 0 if pairs and pairs[0].fill.plane != "B" else None
+    return {"runs": [r.summary() for r in runs], "pairs": out, "preselected": preselected}
 
 
 # ---- pixels ---------------------------------------------------------------------------------------------------
