@@ -99,6 +99,11 @@ def cmd_phantom(a) -> int:
         bar.update(bar.total - bar.n)
     print("writing the case folder and ground truth ...", file=sys.stderr)
     write_phantom(ph, a.out)
+    if a.dicom:
+        from .io.dicom_write import case_to_dicom
+
+        case_to_dicom(ph.case, a.dicom, style=a.dicom_style)
+        print(f"mask and fill runs written as XA DICOM to {a.dicom}", file=sys.stderr)
     case = ph.case
     print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "
           f"{case.geometry.height}x{case.geometry.width}, volume {case.grid.resolution}, truth in {a.out}/truth")
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, help="number of frames (default from the preset)")
     s.add_argument("--detector", type=int, help="detector size in pixels (square; default from the preset)")
     s.add_argument("--volume", type=int, help="volume size in voxels (cubic; default from the preset)")
+    s.add_argument("--dicom", help="also write the mask and fill runs as rotational XA DICOM into this folder")
+    s.add_argument("--dicom-style", default="ge", choices=["ge", "siemens", "constant", "enhanced"],
+                   help="angle encoding of --dicom (default ge: offsets from the first frame)")
     s.set_defaults(func=cmd_phantom)
 
     s = sub.add_parser("fdk", help="classical FDK reconstruction from a subset of views")

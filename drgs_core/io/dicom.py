@@ -151,7 +151,7 @@ def _pydicom():
     try:
         import pydicom
     except ImportError:  # pragma: no cover - a dependency of the package
-        raise DRGSInputError("DICOM import needs pydicom", "pydicom is not installed", "pydicom >= 2.4",
+        raise DRGSInputError("DICOM import needs pydicom", "pydicom is not installed", "pydicom >= 3.0",
                              "pip install pydicom") from None
     return pydicom
 
@@ -657,10 +657,8 @@ def _frames(run: Run) -> np.ndarray:
                              "uncompressed pixel data or an installed decoder",
                              "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg (or python-gdcm)") from None
     if run.intensity == "LOG":
-        try:
-            from pydicom.pixels import apply_modality_lut
-        except ImportError:  # pydicom 2.x
-            from pydicom.pixel_data_handlers.util import apply_modality_lut
+        from pydicom.pixels import apply_modality_lut
+
         pixels = apply_modality_lut(pixels, ds)
     pixels = np.asarray(pixels, dtype=np.float64)
     if pixels.ndim == 2:

@@ -54,7 +54,6 @@ def write_xa_run(path, frames, primary_deg, secondary_deg, *, sid: float, sod: f
     a pair the same scale).  intensity "LOG": 12-bit log-encoded values with a Modality LUT back to linear.
     `attributes` set (or override) top-level keywords, `drop` removes them: for invalid variants in tests.
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian
@@ -163,8 +162,7 @@ def write_xa_run(path, frames, primary_deg, secondary_deg, *, sid: float, sod: f
             delattr(ds, key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(str(path), enforce_file_format=True) if int(pydicom.__version__.split(".")[0]) >= 3 else \
-        ds.save_as(str(path), write_like_original=False)
+    ds.save_as(str(path), enforce_file_format=True)
     return path
 
 
