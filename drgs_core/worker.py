@@ -238,6 +238,10 @@ def load_case_for_request(request: dict):
     from .errors import DRGSInputError
     from .io import read_case, read_runs  # noqa: F401 - provided by drgs_core.io
 
+    if request.get("dicom"):
+        from .io.dicom import import_dicom
+
+        return import_dicom(request["dicom"], fill=request.get("fill_uid"), mask=request.get("mask_uid")).case
     if request.get("case"):
         return read_case(request["case"])
     if request.get("fill") and request.get("mask") and request.get("geometry"):

@@ -152,3 +152,12 @@ def test_module_imports_under_python_3_9_syntax():
     source = Path(dicom_runs.__file__).read_text(encoding="utf-8")
     ast.parse(source, feature_version=(3, 9))
     assert "from __future__ import annotations" in source
+
+
+def test_worker_describes_a_dicom_request(dicom_folder, tmp_path):
+    from drgs_core import worker
+
+    listing = in_process_listing([str(dicom_folder["folder"])])
+    event, code = worker.describe(listing.request(*listing.preselection(), out=str(tmp_path / "o")))
+    assert code == 0 and event["event"] == "described"
+    assert event["case"]["n_frames"] == 20 and event["case"]["sad_mm"] == 750.0

@@ -646,7 +646,8 @@ def listing(sources) -> dict:
 # ---- pixels ---------------------------------------------------------------------------------------------------
 
 def _frames(run: Run) -> np.ndarray:
-    """The run's frames [n, H, W] as linear float64 intensities, in DICOM pixel orientation."""
+    """The run's frames [n, H, W] as linear float32 intensities (exact for 16-bit data), in DICOM pixel
+    orientation."""
     pydicom = _pydicom()
     ds = pydicom.dcmread(run.path)
     try:
@@ -660,17 +661,18 @@ def _frames(run: Run) -> np.ndarray:
         from pydicom.pixels import apply_modality_lut
 
         pixels = apply_modality_lut(pixels, ds)
-    pixels = np.asarray(pixels, dtype=np.float64)
     if pixels.ndim == 2:
         pixels = pixels[None]
     start, stop = run.frames
-    return pixels[start:stop]
+    return np.asarray(pixels[start:stop], dtype=np.float32)
 
 
 def _sanity(fill: np.ndarray, mask: np.ndarray, valid: np.ndarray, pair: Pair) -> None:
     """log(mask) - log(fill) must be mostly >= 0 with sparse positive vessels; otherwise the runs are swapped
     or misaligned."""
-    d = np.log(mask[valid]) - np.log(fill[valid])
+    step = max(1, fill.shape[0] // 16)  # a sample of frames is enough, and bounds the float64 temporaries
+    keep = valid[::step]
+    d = np.log(mask[::step][keep].astype(np.float64)) - np.log(fill[::step][keep].astype(np.float64))
     if d.size == 0:
         raise DRGSInputError("every pixel of the runs is blanked (<= 0)", "", "positive linear intensities")
     med = np.median(d)
@@ -723,11 +725,11 @@ def import_dicom(sources, fill: str | None = None, mask: str | None = None, grid
     blanked = float(1.0 - valid.mean())
     if blanked > 0:
         warnings.append(f"{blanked:.2%} of the pixels are blanked (<= 0) in a run: their DSA is set to 0")
-        fill_px = np.where(valid, fill_px, 1.0)
-        mask_px = np.where(valid, mask_px, 1.0)
+        fill_px[~valid] = 1.0
+        mask_px[~valid] = 1.0
     # DICOM columns run towards the patient's left at LAO 0; the engine's u axis the other way (docs/DICOM.md)
-    fill_run = np.ascontiguousarray(fill_px[:, :, ::-1], dtype=np.float32)
-    mask_run = np.ascontiguousarray(mask_px[:, :, ::-1], dtype=np.float32)
+    fill_run = np.ascontiguousarray(fill_px[:, :, ::-1])
+    mask_run = np.ascontiguousarray(mask_px[:, :, ::-1])
     primary, secondary = engine_angles(f.primary_deg, f.secondary_deg)
     row_spacing, col_spacing = f.spacing
     geometry = ConeBeamGeometry(f.sod, f.sid, (f.rows, f.columns), (col_spacing, row_spacing), primary,
