@@ -555,7 +555,8 @@ def _resolve(runs: list[Run], key: str, role: str) -> Run:
                              "rotation of an instance that holds two)")
     run = hits[0]
     if not run.usable:
-        raise DRGSInputError(f"the {role} run cannot be used: {run.problem}")
+        e = run.error
+        raise DRGSInputError(f"the {role} run cannot be used: {e.what}", e.found, e.expected, e.fix)
     return run
 
 
