@@ -61,3 +61,15 @@ def test_phantom_dicom_option(tmp_path, capsys):
     got = import_dicom(tmp_path / "dicom", grid=ref.grid).case
     np.testing.assert_allclose(got.geometry.primary_angles, ref.geometry.primary_angles, atol=1e-6)
     assert np.abs(got.dsa - ref.dsa).max() < 0.02
+
+
+def test_reconstruct_from_dicom_end_to_end(tmp_path, tiny_case, capsys):
+    """`drgs4d reconstruct --dicom` runs the whole pipeline on the tiny phantom written as XA."""
+    case_to_dicom(read_case(tiny_case), tmp_path / "dicom", style="ge")
+    out = tmp_path / "run"
+    code = main(["reconstruct", "--dicom", str(tmp_path / "dicom"), "--out", str(out), "--preset", "tiny",
+                 "--device", "cpu", "--iterations", "5", "--views", "6", "--n-gaussians", "200", "--times-4d", "2",
+                 "--checkpoint-every", "0", "-q"])
+    assert code == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_gaussians"] > 0 and (out / "volume.nii.gz").is_file()
