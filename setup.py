@@ -58,8 +58,11 @@ setup(
         "scikit-image>=0.21",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "pydicom>=3.0",  # DICOM import of rotational XA (drgs_core.io.dicom)
     ],
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"]},
+    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"],
+                    # decoders for compressed XA pixel data (JPEG lossless / JPEG 2000); pydicom uses them if present
+                    "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]},
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
     **_cuda_extension_kwargs(),
 )

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_dicom
 from .errors import DRGSInputError
 
 log = logging.getLogger("drgs4d")
@@ -99,6 +99,11 @@ def cmd_phantom(a) -> int:
         bar.update(bar.total - bar.n)
     print("writing the case folder and ground truth ...", file=sys.stderr)
     write_phantom(ph, a.out)
+    if a.dicom:
+        from .io.dicom_write import case_to_dicom
+
+        case_to_dicom(ph.case, a.dicom, style=a.dicom_style)
+        print(f"mask and fill runs written as XA DICOM to {a.dicom}", file=sys.stderr)
     case = ph.case
     print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "
           f"{case.geometry.height}x{case.geometry.width}, volume {case.grid.resolution}, truth in {a.out}/truth")
@@ -149,7 +154,8 @@ def _reconstruct_config(a):
 
     keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
             "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
-            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning"]
+            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning",
+            "dicom", "fill_uid", "mask_uid"]
     d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
     d["use_secondary_angle"] = not a.ignore_secondary_angle
     d["cuda_graph"] = not a.no_cuda_graph
@@ -230,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, help="number of frames (default from the preset)")
     s.add_argument("--detector", type=int, help="detector size in pixels (square; default from the preset)")
     s.add_argument("--volume", type=int, help="volume size in voxels (cubic; default from the preset)")
+    s.add_argument("--dicom", help="also write the mask and fill runs as rotational XA DICOM into this folder")
+    s.add_argument("--dicom-style", default="ge", choices=["ge", "siemens", "constant", "enhanced"],
+                   help="angle encoding of --dicom (default ge: offsets from the first frame)")
     s.set_defaults(func=cmd_phantom)
 
     s = sub.add_parser("fdk", help="classical FDK reconstruction from a subset of views")
@@ -283,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cli_dicom.add_reconstruct_arguments(s)
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser("demo", help="phantom -> FDK -> static field -> 4DRGS -> evaluation table and figure")
@@ -293,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_demo)
+    cli_dicom.add_parser(sub)
     return p
 
 

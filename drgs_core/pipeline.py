@@ -74,6 +74,9 @@ class ReconstructConfig:
     use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
     cuda_graph: bool = True            # replay training iterations from a CUDA graph (GPU with the CUDA kernels)
     detector_binning: int | str = "auto"  # merge k x k detector pixels; "auto": down to about the voxel size
+    dicom: str | None = None           # rotational XA DICOM folder instead of a case folder (drgs_core.io.dicom)
+    fill_uid: str | None = None        # with dicom: the fill / mask run ids (default: automatic pairing)
+    mask_uid: str | None = None
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -81,7 +84,7 @@ class ReconstructConfig:
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-        if self.case is None and not (self.fill and self.mask and self.geometry):
+        if self.case is None and self.dicom is None and not (self.fill and self.mask and self.geometry):
             raise DRGSInputError("no input given", "neither a case folder nor fill + mask + geometry files",
                                  "a case folder, or all three of fill, mask and geometry",
                                  "pass CASE (a folder with fill_run, mask_run and transforms.json) or "
@@ -134,7 +137,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_case(cfg: ReconstructConfig):
-    if cfg.case is not None:
+    if cfg.dicom is not None:
+        from .io.dicom import import_dicom
+
+        case = import_dicom(cfg.dicom, fill=cfg.fill_uid, mask=cfg.mask_uid,
+                            use_secondary=cfg.use_secondary_angle).case
+    elif cfg.case is not None:
         case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
     else:
         case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)

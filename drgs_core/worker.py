@@ -3,10 +3,11 @@
     python -m drgs_core.worker --config REQUEST.json [--watch-stdin] [--new-session]
     python -m drgs_core.worker --version | --probe
     python -m drgs_core.worker --describe REQUEST.json
+    python -m drgs_core.worker --list-dicom PATH [PATH ...]
 
 Protocol (version ``PROTOCOL_VERSION``): stdout carries one JSON object per line and nothing else; every object has
 ``"protocol": 1`` and ``"event"`` (started, progress, snapshot, done, cancelled, error, or for the utility commands
-version, probe, described).  Each line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
+version, probe, described, dicom_runs).  Each line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
 library prints to stdout by accident is diverted to stderr at the file-descriptor level, so the event stream stays
 clean.
 
@@ -237,6 +238,10 @@ def load_case_for_request(request: dict):
     from .errors import DRGSInputError
     from .io import read_case, read_runs  # noqa: F401 - provided by drgs_core.io
 
+    if request.get("dicom"):
+        from .io.dicom import import_dicom
+
+        return import_dicom(request["dicom"], fill=request.get("fill_uid"), mask=request.get("mask_uid")).case
     if request.get("case"):
         return read_case(request["case"])
     if request.get("fill") and request.get("mask") and request.get("geometry"):
@@ -249,6 +254,18 @@ def load_case_for_request(request: dict):
 def describe(request: dict) -> tuple[dict, int]:
     try:
         return {"event": "described", "case": summarize_case(load_case_for_request(request))}, EXIT_DONE
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return error_event(exc)
+
+
+def list_dicom(paths: list[str]) -> tuple[dict, int]:
+    """A 'dicom_runs' event: the rotational XA runs and mask/fill pairs under `paths` (drgs_core.io.dicom.listing)."""
+    try:
+        from .io.dicom import listing
+
+        return {"event": "dicom_runs", **listing(paths)}, EXIT_DONE
     except BaseException as exc:  # noqa: BLE001
         if isinstance(exc, (SystemExit, KeyboardInterrupt)):
             raise
@@ -315,6 +332,9 @@ def main(argv=None) -> int:
     parser.add_argument("--describe", metavar="REQUEST", help="print a 'described' event for the request's inputs")
     parser.add_argument("--version", action="store_true", help="print a 'version' event and exit")
     parser.add_argument("--probe", action="store_true", help="print a 'probe' event (torch, CUDA devices) and exit")
+    parser.add_argument("--list-dicom", nargs="+", metavar="PATH",
+                        help="print a 'dicom_runs' event: the XA runs and mask/fill pairs in these folders / files "
+                             "(a .txt file lists paths)")
     parser.add_argument("--watch-stdin", action="store_true",
                         help="stop when stdin says 'cancel' or closes (used by the Slicer panel)")
     parser.add_argument("--new-session", action="store_true",
@@ -336,6 +356,10 @@ def main(argv=None) -> int:
     if args.probe:
         emit(probe_event())
         return EXIT_DONE
+    if args.list_dicom:
+        event, code = list_dicom(args.list_dicom)
+        emit(event)
+        return code
     if args.describe:
         try:
             request = read_request(args.describe)
