@@ -153,6 +153,10 @@ def read_request(path: str) -> dict:
     except FileNotFoundError:
         raise DRGSInputError("the worker request file does not exist", path, "a JSON file",
                              "start the worker with --config pointing at an existing file") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise DRGSInputError("the worker request file cannot be read", f"{path}: {exc.strerror or exc}",
+                             "a readable JSON file", "start the worker with --config pointing at a JSON file"
+                             ) from None
     except ValueError as exc:
         raise DRGSInputError("the worker request file is not valid JSON", f"{path}: {exc}",
                              "a JSON object with the ReconstructConfig fields") from None

@@ -363,7 +363,15 @@ def _read_nifti_stack(path: Path, what: str) -> np.ndarray:
         raise DRGSInputError(f"the {what} {path.name} does not exist", str(path), "an existing file",
                              "check the path")
     try:
-        img = nib.load(str(path))
+        if _lower_name(path).endswith(".gz"):
+            # inflate it all at once: gzip checks the stream's end and CRC (nibabel stops at the last voxel)
+            import gzip
+
+            raw = gzip.decompress(path.read_bytes())
+            img = (nib.Nifti1Image if len(raw) >= 4 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")
+                   else nib.Nifti2Image).from_bytes(raw)
+        else:
+            img = nib.load(str(path))
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for damaged files
         raise _unreadable(path, what, exc) from None
