@@ -62,6 +62,21 @@ def events_until(proc, accept, limit: int = 10_000) -> list:
     raise AssertionError(f"the awaited event never came; saw {[e.get('event') for e in seen]}")
 
 
+@pytest.fixture(scope="session")
+def finished_run(tiny_case, tmp_path_factory):
+    """One finished tiny run (seed 0), shared: tests that change it work on a copy (`copy_run`)."""
+    from drgs_core import worker
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert worker.run(request(tiny_case, out), lambda e: None, lambda: False) == worker.EXIT_DONE
+    return out
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
 def result_files(out: Path) -> dict:
     """name -> bytes of the result files (not checkpoint, snapshots or bookkeeping)."""
     keep = {"volume.nii.gz", "mesh.stl", "mesh.vtk", "segmentation.nii.gz", "volume_4d.seq.nrrd", "renders.nii.gz",

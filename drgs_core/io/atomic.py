@@ -81,6 +81,20 @@ def verify_gzip_length(path: Path, expected: int, what: str = "", start: int = 0
                                      f"(length field {isize}, expected {expected % 2**32}; is the disk full?)")
 
 
+def _verify_zip(path: Path) -> None:
+    """torch.save files are zip archives: their directory sits at the end, so a cut-off file does not open."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip() if os.path.getsize(path) < (64 << 20) else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise WriteVerificationError(f"{path.name}: the saved file is incomplete ({exc}; is the disk full?)"
+                                     ) from None
+    if bad is not None:
+        raise WriteVerificationError(f"{path.name}: {bad} is damaged in the saved file (is the disk full?)")
+
+
 def check_free_space(folder, need_bytes: int, what: str) -> None:
     """DRGSInputError when `folder`'s file system has less than `need_bytes` free (plus 5 % margin)."""
     folder = Path(folder)
@@ -120,9 +134,17 @@ def atomic_path(path, verify: Callable[[Path], None] | None = None) -> Iterator[
             _fsync(tmp)
             if verify is not None:
                 verify(tmp)
+            elif path.suffix == ".pt":
+                _verify_zip(tmp)
             elif os.path.getsize(tmp) == 0:
                 raise WriteVerificationError(f"{path.name}: the writer produced an empty file (is the disk full?)")
         os.replace(tmp, path)
+    except RuntimeError as exc:
+        _remove_quietly(tmp)
+        if any(w in str(exc).lower() for w in ("writ", "inline_container", "unexpected pos")):
+            # C++ writers (torch.save, ITK) report a failed write() as RuntimeError
+            raise WriteVerificationError(f"writing {path.name} failed: {str(exc).strip()[:200]}") from exc
+        raise
     except BaseException:
         _remove_quietly(tmp)
         raise
