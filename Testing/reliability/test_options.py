@@ -137,6 +137,13 @@ def test_every_reconstruct_option_is_a_configuration_field():
     assert set(cli.INVERTED_FLAGS.values()) <= fields
 
 
+def test_the_panel_request_keys_are_configuration_fields():
+    """The panel keeps its own list (it may run in a Python without drgs_core): it must stay a subset."""
+    from DRGS4DSlicerLib.job import REQUEST_KEYS
+
+    assert set(REQUEST_KEYS) <= set(ReconstructConfig.__dataclass_fields__)
+
+
 def test_the_validator_covers_fields_added_later():
     """A field another module adds (with a default) is checked by type without touching the validator."""
     @dataclass

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 LOCK = ".drgs4d.lock"
 JOURNAL = ".commit"
 STAGING_PREFIX = ".staging-"
-#: what a run leaves in its folder besides the result files
-BOOKKEEPING = {LOCK, JOURNAL, "checkpoint.pt", "snapshots"}
+#: what a run leaves in its folder besides the result files (and the request the Slicer panel writes there)
+BOOKKEEPING = {LOCK, JOURNAL, "checkpoint.pt", "snapshots", "drgs4d_request.json"}
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -164,8 +164,8 @@ class RunFolder:
 
     def _check_foreign(self) -> None:
         entries = sorted(p.name for p in self.out.iterdir() if p.name != LOCK)
-        if not entries or self.overwrite or self.resume:
-            return
+        if set(entries) <= BOOKKEEPING or self.overwrite or self.resume:
+            return  # empty, or only what a cancelled run of any case leaves (a fresh run replaces its checkpoint)
         previous = self.out / "config.json"
         try:
             ident = json.loads(previous.read_text()).get("identity")
