@@ -95,6 +95,7 @@ def cmd_phantom(a) -> int:
         over["volume_resolution"] = (a.volume,) * 3
         over["volume_spacing"] = (box / a.volume,) * 3
     cfg = preset(a.preset, **over)
+    _check_phantom_memory(cfg)
     from tqdm import tqdm
 
     with tqdm(total=cfg.n_frames, desc="simulating frames", unit="frame", file=sys.stderr) as bar:
@@ -106,6 +107,25 @@ def cmd_phantom(a) -> int:
     print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "
           f"{case.geometry.height}x{case.geometry.width}, volume {case.grid.resolution}, truth in {a.out}/truth")
     return 0
+
+
+def _check_phantom_memory(cfg) -> None:
+    """Refuse phantom sizes beyond this machine's memory before allocating them (float32 volume and runs, with
+    a few working copies each)."""
+    import os
+
+    import numpy as np
+
+    need = 4 * 6 * (float(np.prod(cfg.volume_resolution)) + cfg.n_frames * float(np.prod(cfg.detector_shape)))
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total:
+        raise DRGSInputError("the phantom does not fit in this machine's memory",
+                             f"{cfg.n_frames} frames of {cfg.detector_shape}, volume {cfg.volume_resolution}: "
+                             f"about {need / 2**30:.3g} GiB, the machine has {total / 2**30:.3g} GiB",
+                             "smaller --frames / --detector / --volume", "pass smaller sizes")
 
 
 def cmd_fdk(a) -> int:

@@ -197,6 +197,11 @@ def check_value(key: str, value, *, option_names: bool = False, text: bool = Fal
         shown = "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
         return DRGSInputError(f"{name} {why}", shown, expected, f"pass {name} as {expected}")
 
+    if hasattr(value, "item") and not isinstance(value, (str, bool)):  # numpy / torch scalars
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            pass
     if value is None:
         if type(None) in kinds:
             return None

@@ -119,6 +119,19 @@ def test_phantom_frames_zero_is_refused(tmp_path, capsys):
     assert exc.value.code == 2 and "--frames" in capsys.readouterr().err
 
 
+def test_phantom_beyond_the_machine_memory_is_refused(tmp_path, capsys):
+    code = cli.main(["phantom", str(tmp_path / "p"), "--volume", "100000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "GiB" in err and not (tmp_path / "p").exists()
+
+
+def test_numpy_numbers_are_accepted_from_python_callers(tmp_path):
+    import numpy as np
+
+    cfg = ReconstructConfig(out=str(tmp_path), case="c", views=np.int64(8), iso_level=np.float32(0.5))
+    assert cfg.views == 8 and type(cfg.views) is int
+
+
 def test_evaluate_a_corrupt_metrics_file(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text('{"cut off')
     code = cli.main(["evaluate", str(tmp_path), "--truth", str(tmp_path)])
