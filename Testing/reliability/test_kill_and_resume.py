@@ -24,10 +24,11 @@ def _train_iterations(events):
 def test_kill_9_keeps_the_previous_result_then_the_next_run_works(stage, finished_run, tiny_case, tmp_path, env):
     out = copy_run(finished_run, tmp_path / "run")
     before = result_files(out)
-    proc = start_worker(request(tiny_case, out, seed=1), tmp_path, env)
+    short = {"seed": 1, "iterations": 12, "checkpoint_every": 5}
+    proc = start_worker(request(tiny_case, out, **short), tmp_path, env)
     try:
-        if stage == "train":  # after the first periodic checkpoint (iteration 10)
-            events_until(proc, lambda e: e.get("stage") == "train" and e.get("iteration", 0) >= 12)
+        if stage == "train":  # after the first periodic checkpoint (iteration 5)
+            events_until(proc, lambda e: e.get("stage") == "train" and e.get("iteration", 0) >= 7)
         else:
             events_until(proc, lambda e: e.get("event") == "progress" and e.get("stage") == stage)
         os.kill(proc.pid, signal.SIGKILL)
@@ -41,13 +42,13 @@ def test_kill_9_keeps_the_previous_result_then_the_next_run_works(stage, finishe
 
     if stage == "fdk":  # the checkpoint is still the finished seed-0 run's: resuming it as seed 1 is refused
         with pytest.raises(DRGSInputError, match="seed"):
-            run_reconstruction(ReconstructConfig(**request(tiny_case, out, seed=1, resume=True)))
+            run_reconstruction(ReconstructConfig(**request(tiny_case, out, resume=True, **short)))
         assert result_files(out) == after
     events = []
     resume = stage == "train"
-    assert worker.run(request(tiny_case, out, seed=1, resume=resume), events.append, lambda: False) == 0
+    assert worker.run(request(tiny_case, out, resume=resume, **short), events.append, lambda: False) == 0
     if resume:
-        assert _train_iterations(events)[0] > 10  # continued from the checkpoint at iteration 10
+        assert _train_iterations(events)[0] > 5  # continued from the checkpoint at iteration 5
     assert json.loads((out / "config.json").read_text())["reconstruct"]["seed"] == 1
     assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp-", ".staging-", ".drgs4d", ".commit"))]
 

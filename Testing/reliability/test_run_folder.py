@@ -3,6 +3,7 @@ stage boundaries: a stop after training is honoured with a checkpoint and no par
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -110,16 +111,17 @@ def test_two_concurrent_runs_one_is_refused(tiny_case, tmp_path, env):
     first = start_worker(request(tiny_case, out), tmp_path, env, "a.json")
     try:
         events_until(first, lambda e: e["event"] == "started")
-        second = start_worker(request(tiny_case, out), tmp_path, env, "b.json")
-        out2, _ = second.communicate(timeout=120)
-        last = json.loads(out2.decode().splitlines()[-1])
-        assert second.returncode == worker.EXIT_INPUT and "another run is writing" in last["message"]
+        second = []
+        assert worker.run(request(tiny_case, out), second.append, lambda: False) == worker.EXIT_INPUT
+        assert [e["event"] for e in second] == ["error"] and "another run is writing" in second[0]["message"]
+        assert f"process {first.pid}" in second[0]["message"]
+        first.send_signal(signal.SIGTERM)  # the first run was not disturbed: it still stops cleanly
         rest, _ = first.communicate(timeout=300)
-        assert first.returncode == worker.EXIT_DONE
-        assert json.loads(rest.decode().splitlines()[-1])["event"] == "done"
+        assert first.returncode == worker.EXIT_CANCELLED
+        assert json.loads(rest.decode().splitlines()[-1])["event"] == "cancelled"
     finally:
         first.kill()
-    assert set(result_files(out)) >= {"volume.nii.gz", "metrics.json", "config.json"}
+    assert result_files(out) == {} and not (out / LOCK).exists()
 
 
 def test_cpu_without_a_preset_uses_the_demo_sizes(tiny_case, tmp_path):
