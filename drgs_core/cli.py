@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--static", action="store_true", help="no contrast flow (vessels always filled)")
     s.add_argument("--no-noise", action="store_true", help="noise-free runs (default: Poisson noise)")
     s.add_argument("--frames", type=_positive_int, help="number of frames (default from the preset)")
-    s.add_argument("--detector", type=_positive_int, help="detector size in pixels (square; default from the preset)")
+    s.add_argument("--detector", type=_positive_int,
+                   help="detector size in pixels (square; default from the preset)")
     s.add_argument("--volume", type=_positive_int, help="volume size in voxels (cubic; default from the preset)")
     s.set_defaults(func=cmd_phantom)
 

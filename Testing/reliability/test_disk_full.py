@@ -4,7 +4,6 @@ file), the previous file survives and no temporary file is left.  Two ways to fi
 
 import json
 import os
-import resource  # noqa: F401 - POSIX only; the module is skipped elsewhere
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from drgs_core.pipeline import ReconstructConfig, run_reconstruction
 from .conftest import REPO, copy_run, request, result_files
 
 HERE = Path(__file__).parent
+pytest.importorskip("resource")  # POSIX only: the file-size limit
 
 
 def _check_report(folder: Path, report: dict) -> None:

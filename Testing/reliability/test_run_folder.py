@@ -92,6 +92,24 @@ def test_a_folder_of_another_case_or_foreign_files_needs_overwrite(good_run, tin
     assert (foreign / "thesis.docx").read_text() == "precious"
 
 
+def test_inputs_exported_into_the_run_folder_are_not_foreign(tiny_case, tmp_path):
+    """The Slicer panel exports the runs to OUT/inputs and writes OUT/drgs4d_request.json before starting."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_case, out / "inputs", ignore=shutil.ignore_patterns("truth"))
+    (out / "drgs4d_request.json").write_text("{}")
+    ident = {k: str((out / "inputs" / f).resolve()) for k, f in
+             (("fill", "fill_run.nii.gz"), ("mask", "mask_run.nii.gz"), ("geometry", "transforms.json"))}
+    with RunFolder(out, ident, overwrite=True) as folder:
+        (folder.staging / "metrics.json").write_text("{}")
+        folder.commit(["metrics.json"])
+    assert sorted(p.name for p in out.iterdir()) == ["drgs4d_request.json", "inputs", "metrics.json"]
+    with pytest.raises(DRGSInputError, match="no run of this case"):
+        with RunFolder(out, {"case": str(tmp_path / "elsewhere")}):
+            pass
+
+
 def test_stop_after_training_is_honoured_with_a_checkpoint_and_no_result(tiny_case, tmp_path):
     out = tmp_path / "run"
     seen = []

@@ -85,6 +85,7 @@ class RunFolder:
     """
 
     def __init__(self, out: Path, identity: dict, *, overwrite: bool = False, resume: bool = False):
+        """identity: {"case" | "fill" | "mask" | "geometry": resolved path} of the run's inputs."""
         self.out, self.identity, self.overwrite, self.resume = Path(out), identity, overwrite, resume
         self.staging: Path | None = None
         self._locked = False
@@ -162,8 +163,13 @@ class RunFolder:
                 log.info("removing %s left by an interrupted run", p)
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
+    def _holds_inputs(self, name: str) -> bool:
+        """True for an entry of `out` that holds this run's inputs (the Slicer panel exports them to out/inputs)."""
+        entry = (self.out / name).resolve()
+        return any(_inside(Path(p), entry) for p in self.identity.values())
+
     def _check_foreign(self) -> None:
-        entries = sorted(p.name for p in self.out.iterdir() if p.name != LOCK)
+        entries = sorted(p.name for p in self.out.iterdir() if p.name != LOCK and not self._holds_inputs(p.name))
         if set(entries) <= BOOKKEEPING or self.overwrite or self.resume:
             return  # empty, or only what a cancelled run of any case leaves (a fresh run replaces its checkpoint)
         previous = self.out / "config.json"
@@ -188,7 +194,8 @@ class RunFolder:
             if not (self.staging / name).exists():
                 raise FileNotFoundError(f"staged output {name} is missing")
         stale = [p.name for p in self.out.iterdir()
-                 if p.name not in names and p.name not in BOOKKEEPING and not p.name.startswith(STAGING_PREFIX)]
+                 if p.name not in names and p.name not in BOOKKEEPING and not p.name.startswith(STAGING_PREFIX)
+                 and not self._holds_inputs(p.name)]
         write_text_atomic(self.out / JOURNAL, json.dumps({"staging": self.staging.name, "names": names,
                                                           "remove": stale if self.overwrite else []}))
         finish_commit(self.out)
