@@ -174,14 +174,19 @@ class RunFolder:
             return  # empty, or only what a cancelled run of any case leaves (a fresh run replaces its checkpoint)
         previous = self.out / "config.json"
         try:
-            ident = json.loads(previous.read_text()).get("identity")
+            config = json.loads(previous.read_text())
+            ident = config.get("identity")
         except (OSError, ValueError, AttributeError):
-            ident = None
+            config, ident = None, None
         if ident == self.identity:
             return  # the same case again: its results are replaced when this run commits
         found = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-        why = ("the results of a run on other inputs" if ident is not None else "files that no run of this case "
-               "wrote")
+        if ident is not None:
+            why = "the results of a run on other inputs"
+        elif isinstance(config, dict) and "drgs4d_version" in config:
+            why = "the results of a run by an older version (which did not record its inputs)"
+        else:
+            why = "files that no run of this case wrote"
         raise DRGSInputError(f"the output folder holds {why}", f"{self.out}: {found}",
                              "an empty folder, or the folder of an earlier run on the same inputs",
                              "choose another --out, or pass --overwrite to replace its contents "
