@@ -4,7 +4,7 @@ Testing/conftest.py.
 In-process tests call ``worker.run()`` with a stop callback that watches the events, which puts a cancel at an exact
 iteration; process tests start ``python -m drgs_core.worker`` and stop it the ways the panel and a terminal do
 (SIGTERM, SIGINT, ``cancel`` on stdin, stdin closing).  Outcomes covered: done, input error (a case whose angles are
-in degrees), internal error (resuming from a corrupt checkpoint file), cancel during training (a checkpoint, then a
+in degrees, resuming from a corrupt checkpoint), internal error (a bug planted in the engine), cancel during training (a checkpoint, then a
 resume to the end) and cancel before training (nothing to resume).
 """
 
@@ -118,16 +118,34 @@ def test_run_rejects_unknown_config_keys_as_input_error(tiny_case, tmp_path):
     assert "bogus" in events[0]["message"]
 
 
-def test_run_internal_error_from_a_corrupt_checkpoint(tiny_case, tmp_path, one_torch_thread):
+def test_run_input_error_from_a_corrupt_checkpoint(tiny_case, tmp_path, one_torch_thread):
     out = tmp_path / "run"
     _corrupt_checkpoint(out)
     events = []
     code = worker.run(_request(tiny_case, out, resume=True), events.append, lambda: False)
+    assert code == worker.EXIT_INPUT
+    err = events[-1]
+    assert err["event"] == "error" and err["kind"] == "input"
+    assert "damaged" in err["message"] and "delete" in err["message"]
+    assert not _train_iterations(events)
+    assert (out / "checkpoint.pt").read_bytes().startswith(b"not a checkpoint")  # left for the user to decide
+
+
+def _broken_fdk(*args, **kwargs):
+    raise ZeroDivisionError("a bug inside the engine")
+
+
+def test_run_internal_error_keeps_the_traceback(tiny_case, tmp_path, one_torch_thread, monkeypatch):
+    from drgs_core import pipeline
+
+    monkeypatch.setattr(pipeline, "fdk", _broken_fdk)
+    events = []
+    code = worker.run(_request(tiny_case, tmp_path / "run"), events.append, lambda: False)
     assert code == worker.EXIT_INTERNAL
     err = events[-1]
     assert err["event"] == "error" and err["kind"] == "internal"
     assert err["message"].split(":")[0].endswith("Error")  # the exception type comes first
-    assert "Traceback" in err["traceback"] and "load_checkpoint" in err["traceback"]
+    assert "Traceback" in err["traceback"] and "_broken_fdk" in err["traceback"]
     assert not _train_iterations(events)
 
 
@@ -232,10 +250,15 @@ def test_process_exit_codes_for_errors(tiny_case, tmp_path, env, outcome, code):
     out = tmp_path / "run"
     if outcome == "input":
         request = _request(_degrees_case(tiny_case, tmp_path / "degrees"), out)
-    else:
-        _corrupt_checkpoint(out)
-        request = _request(tiny_case, out, resume=True)
-    done = _run_worker(["--config", _write_request(tmp_path, request)], env)
+        done = _run_worker(["--config", _write_request(tmp_path, request)], env)
+    else:  # an engine bug, planted in a real worker process
+        code_text = ("import sys, drgs_core.pipeline as p\n"
+                     "def broken(*a, **k): raise ZeroDivisionError('a bug')\n"
+                     "p.fdk = broken\n"
+                     "from drgs_core import worker\n"
+                     f"sys.exit(worker.main(['--config', {_write_request(tmp_path, _request(tiny_case, out))!r}]))")
+        done = subprocess.run([sys.executable, "-c", code_text], capture_output=True, env=env, timeout=120,
+                              cwd=str(REPO))
     assert done.returncode == code, done.stderr.decode()[-3000:]
     last = _lines(done.stdout)[-1]
     assert last["event"] == "error" and last["kind"] == outcome and last["message"]

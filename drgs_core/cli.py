@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -28,6 +29,8 @@ class ProgressPrinter:
         from tqdm import tqdm
 
         kind = e.get("event")
+        if kind == "started" and e.get("note"):
+            tqdm.write(f"{self.label}note: {e['note']}", file=sys.stderr)
         if kind == "progress" and e.get("stage") == "train":
             if self.bar is None:
                 self.bar = tqdm(total=e["iterations"], desc=f"{self.label}train", unit="it", dynamic_ncols=True,
@@ -82,7 +85,7 @@ def cmd_phantom(a) -> int:
     over = {"seed": a.seed, "static": a.static}
     if a.no_noise:
         over["noise"] = False
-    if a.frames:
+    if a.frames is not None:
         over["n_frames"] = a.frames
     if a.detector:
         over["detector_shape"] = (a.detector, a.detector)
@@ -92,6 +95,7 @@ def cmd_phantom(a) -> int:
         over["volume_resolution"] = (a.volume,) * 3
         over["volume_spacing"] = (box / a.volume,) * 3
     cfg = preset(a.preset, **over)
+    _check_phantom_memory(cfg)
     from tqdm import tqdm
 
     with tqdm(total=cfg.n_frames, desc="simulating frames", unit="frame", file=sys.stderr) as bar:
@@ -108,6 +112,25 @@ def cmd_phantom(a) -> int:
     print(f"phantom '{a.preset}' written to {a.out} in {time.perf_counter() - t0:.1f} s: {case.n_frames} frames of "
           f"{case.geometry.height}x{case.geometry.width}, volume {case.grid.resolution}, truth in {a.out}/truth")
     return 0
+
+
+def _check_phantom_memory(cfg) -> None:
+    """Refuse phantom sizes beyond this machine's memory before allocating them (float32 volume and runs, with
+    a few working copies each)."""
+    import os
+
+    import numpy as np
+
+    need = 4 * 6 * (float(np.prod(cfg.volume_resolution)) + cfg.n_frames * float(np.prod(cfg.detector_shape)))
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > total:
+        raise DRGSInputError("the phantom does not fit in this machine's memory",
+                             f"{cfg.n_frames} frames of {cfg.detector_shape}, volume {cfg.volume_resolution}: "
+                             f"about {need / 2**30:.3g} GiB, the machine has {total / 2**30:.3g} GiB",
+                             "smaller --frames / --detector / --volume", "pass smaller sizes")
 
 
 def cmd_fdk(a) -> int:
@@ -127,8 +150,18 @@ def cmd_evaluate(a) -> int:
     from .model.serialize import save_json
 
     run = Path(a.run)
+    if not run.is_dir():
+        raise DRGSInputError("the result folder does not exist", str(run), "a folder written by reconstruct or fdk",
+                             "check the path")
     mpath = run / "metrics.json"
-    metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+    try:
+        metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+        if not isinstance(metrics, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as exc:
+        raise DRGSInputError(f"{mpath} is damaged", str(exc)[:160], "the metrics.json a run wrote",
+                             f"delete {mpath} (it is rewritten with the evaluation) or rerun the reconstruction"
+                             ) from None
     if a.truth:
         metrics["truth"] = evaluate_against_truth(run, a.truth, a.iso_level)
     elif a.reference_mesh:
@@ -149,19 +182,21 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
-def _reconstruct_config(a):
-    from .pipeline import ReconstructConfig
+#: options that set a ReconstructConfig field under another name (the negation of a default-true field)
+INVERTED_FLAGS = {"ignore_secondary_angle": "use_secondary_angle", "no_cuda_graph": "cuda_graph"}
 
-    keys = ["out", "case", "fill", "mask", "geometry", "views", "schedule", "iterations", "device", "seed", "preset",
-            "n_gaussians", "init_threshold", "log2_table_size", "n_levels", "max_gaussians", "static_field", "iso_level", "times_4d",
-            "cine_frame", "snapshot_every", "checkpoint_every", "resume", "densify_until", "detector_binning",
-            "dicom", "fill_uid", "mask_uid"]
-    d = {k: getattr(a, k) for k in keys if getattr(a, k, None) is not None}
-    d["use_secondary_angle"] = not a.ignore_secondary_angle
-    d["cuda_graph"] = not a.no_cuda_graph
-    if "init_threshold" in d and d["init_threshold"] != "auto":
-        d["init_threshold"] = float(d["init_threshold"])
-    return ReconstructConfig.from_dict(d)
+
+def _reconstruct_config(a):
+    """The ReconstructConfig of `reconstruct`: every option named like a field (--n-gaussians -> n_gaussians)
+    is taken over; all values are checked by the one validator (drgs_core.config) with option names."""
+    from dataclasses import fields
+
+    from .config import ReconstructConfig
+
+    d = {f.name: getattr(a, f.name) for f in fields(ReconstructConfig) if getattr(a, f.name, None) is not None}
+    for flag, key in INVERTED_FLAGS.items():
+        d[key] = not getattr(a, flag)
+    return ReconstructConfig.from_dict(d, option_names=True, text=True)
 
 
 def cmd_reconstruct(a) -> int:
@@ -233,9 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed of the vessel tree and noise")
     s.add_argument("--static", action="store_true", help="no contrast flow (vessels always filled)")
     s.add_argument("--no-noise", action="store_true", help="noise-free runs (default: Poisson noise)")
-    s.add_argument("--frames", type=int, help="number of frames (default from the preset)")
-    s.add_argument("--detector", type=int, help="detector size in pixels (square; default from the preset)")
-    s.add_argument("--volume", type=int, help="volume size in voxels (cubic; default from the preset)")
+    s.add_argument("--frames", type=_positive_int, help="number of frames (default from the preset)")
+    s.add_argument("--detector", type=_positive_int,
+                   help="detector size in pixels (square; default from the preset)")
+    s.add_argument("--volume", type=_positive_int, help="volume size in voxels (cubic; default from the preset)")
     s.add_argument("--dicom", help="also write the mask and fill runs as rotational XA DICOM into this folder")
     s.add_argument("--dicom-style", default="ge", choices=["ge", "siemens", "constant", "enhanced"],
                    help="angle encoding of --dicom (default ge: offsets from the first frame)")
@@ -243,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("fdk", help="classical FDK reconstruction from a subset of views")
     s.add_argument("case", help="case folder (fill_run, mask_run, transforms.json)")
-    s.add_argument("--views", type=int, default=30, help="number of evenly spaced views (default 30)")
+    s.add_argument("--views", type=_positive_int, default=30, help="number of evenly spaced views (default 30)")
     s.add_argument("--out", required=True, help="output folder (volume.nii.gz, metrics.json)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--iso-level", type=float, help="iso-level for the evaluation surface (default: robust automatic)")
@@ -273,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--densify-until", type=int, help="override the end of density control")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--preset", choices=["demo", "tiny"], help="small sizes for CPU runs")
+    s.add_argument("--preset", choices=["demo", "tiny"],
+                   help="small sizes for CPU runs (on the CPU, 'demo' is the default: see the README)")
     s.add_argument("--n-gaussians", type=int, help="initial Gaussians drawn from the FDK (default 30000)")
     s.add_argument("--init-threshold", help="FDK threshold for initialisation: 'auto' or a value in 1/mm")
     s.add_argument("--max-gaussians", type=int, help="cap on the number of Gaussians (default 500000)")
@@ -288,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--snapshot-every", type=int, help="write a preview volume and mesh every N iterations")
     s.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 1000)")
     s.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the contents of an output folder that holds other files or another case's results")
     _add_binning_argument(s)
     s.add_argument("--no-cuda-graph", action="store_true",
                    help="launch every training kernel from Python instead of replaying a CUDA graph (for profiling)")
@@ -307,6 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (pass 1 or more)")
+    return value
+
+
+_USER_OS_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                   getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, stream=sys.stderr,
@@ -315,6 +368,11 @@ def main(argv=None) -> int:
         return a.func(a)
     except DRGSInputError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system the user can fix (permissions, full disk, a file where a folder goes)
+        if e.errno not in _USER_OS_ERRORS and type(e).__name__ != "WriteVerificationError":
+            raise
+        print(f"error: {e}. what to do: check the output path's permissions and free space", file=sys.stderr)
         return 2
 
 

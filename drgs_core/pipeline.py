@@ -1,17 +1,22 @@
-"""load -> FDK init -> train -> voxelise -> mesh -> export: what the CLI and the Slicer worker call.
+"""load -> FDK init -> train -> voxelise -> mesh -> write: what the CLI and the Slicer worker call.
 
-All outputs are in the world frame (DICOM LPS mm) and written atomically into `out`:
-volume.nii.gz, mesh.stl, mesh.vtk, segmentation.nii.gz, volume_4d.seq.nrrd, renders.nii.gz, cine.nii.gz,
-gaussians.ply, model.pt, config.json, metrics.json, checkpoint.pt.
+The stages (drgs_core.stages.STAGES) run behind one context (`RunContext.stage`) that emits their progress
+event, times them and checks for a stop request before each.  All outputs are in the world frame (DICOM LPS
+mm): volume.nii.gz, mesh.stl, mesh.vtk, segmentation.nii.gz, volume_4d.seq.nrrd, renders.nii.gz, cine.nii.gz,
+gaussians.ply, model.pt, config.json, metrics.json are written into a staging folder and moved into `out`
+together at the end (drgs_core.io.run_folder); checkpoint.pt and snapshots/ are written in `out` as training
+goes.  A failed, cancelled or killed run leaves the previous results of `out` as they were.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -19,106 +24,23 @@ import numpy as np
 import torch
 
 from . import __version__
+from .config import PRESETS, ReconstructConfig  # noqa: F401 - re-exported: the public home of both
 from .ct import fdk
 from .errors import DRGSInputError
+from .fingerprint import fingerprint
 from .geometry import held_out_indices, view_indices
 from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
+from .io.atomic import WriteVerificationError, check_free_space
+from .io.run_folder import RunFolder, check_out_folder
+from .stages import STAGES
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
-from .train import TrainConfig, train
+from .train import train
 
 log = logging.getLogger(__name__)
-
-# Problem sizes for machines without a GPU; values the user sets explicitly win. The CPU presets use fewer
-# hash-grid levels: on their 64^3 grids, levels finer than the voxels add cost and nothing else.
-PRESETS = {
-    None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "n_levels": 12,
-           "max_gaussians": 500_000},
-    "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "n_levels": 8, "max_gaussians": 8_000},
-    "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "n_levels": 6, "max_gaussians": 2_000},
-}
-
-
-@dataclass
-class ReconstructConfig:
-    """One reconstruction run. Give either `case` (a case folder) or `fill` + `mask` + `geometry` files."""
-
-    out: str
-    case: str | None = None
-    fill: str | None = None
-    mask: str | None = None
-    geometry: str | None = None
-    views: int = 30
-    schedule: str = "fast"
-    iterations: int | None = None
-    device: str = "auto"
-    seed: int = 0
-    preset: str | None = None
-    n_gaussians: int | None = None
-    init_threshold: str | float = "auto"
-    log2_table_size: int | None = None
-    n_levels: int | None = None
-    max_gaussians: int | None = None
-    static_field: bool = False
-    iso_level: float | None = None
-    times_4d: int = 8
-    cine_frame: int = 0
-    snapshot_every: int = 0
-    checkpoint_every: int = 1000
-    progress_every: int = 50
-    resume: bool = False
-    densify_until: int | None = None
-    use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
-    cuda_graph: bool = True            # replay training iterations from a CUDA graph (GPU with the CUDA kernels)
-    detector_binning: int | str = "auto"  # merge k x k detector pixels; "auto": down to about the voxel size
-    dicom: str | None = None           # rotational XA DICOM folder instead of a case folder (drgs_core.io.dicom)
-    fill_uid: str | None = None        # with dicom: the fill / mask run ids (default: automatic pairing)
-    mask_uid: str | None = None
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise DRGSInputError("unknown preset", repr(self.preset), "none, 'demo' or 'tiny'")
-        for key, value in PRESETS[self.preset].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
-        if self.case is None and self.dicom is None and not (self.fill and self.mask and self.geometry):
-            raise DRGSInputError("no input given", "neither a case folder nor fill + mask + geometry files",
-                                 "a case folder, or all three of fill, mask and geometry",
-                                 "pass CASE (a folder with fill_run, mask_run and transforms.json) or "
-                                 "--fill/--mask/--geometry")
-        if self.schedule not in ("fast", "full"):
-            raise DRGSInputError("unknown schedule", repr(self.schedule), "'fast' or 'full'")
-        if int(self.views) < 1:
-            raise DRGSInputError("views must be at least 1", str(self.views), ">= 1")
-        if self.times_4d < 1:
-            raise DRGSInputError("times_4d must be at least 1", str(self.times_4d), ">= 1")
-        if self.detector_binning != "auto":
-            self.detector_binning = binning_factor(self.detector_binning, None)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ReconstructConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise DRGSInputError("unknown configuration keys", ", ".join(unknown),
-                                 "keys among " + ", ".join(sorted(names)))
-        if "out" not in d:
-            raise DRGSInputError("the configuration has no 'out' folder", "", "out: a folder for the results")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(schedule=self.schedule, iterations=self.iterations, densify_until=self.densify_until,
-                           seed=self.seed, checkpoint_every=self.checkpoint_every,
-                           snapshot_every=self.snapshot_every, progress_every=self.progress_every,
-                           max_gaussians=self.max_gaussians, min_densify_every=int(self.views),
-                           cuda_graph=self.cuda_graph)
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -191,14 +113,44 @@ def calibrate_initial_attenuation(model: GaussianModel, dsa: torch.Tensor, camer
     return f * (num / max(den, 1e-20))
 
 
-class _Timer:
-    """Wall time per stage (seconds, summed), with the GPU synchronised so that stages are not mixed up."""
+class _Stopped(Exception):
+    """A stop request seen at a stage boundary."""
 
-    def __init__(self, device):
-        self.device, self.times = device, {}
+
+class RunContext:
+    """What every stage shares: the event sink, the stop flag, stage timing and the progress counters.
+
+    `with ctx.stage(name):` checks for a stop (raising _Stopped), emits the stage's progress event and adds the
+    stage's wall time (GPU synchronised, so that stages are not mixed up) to `times` (seconds).
+    """
+
+    def __init__(self, emit, should_stop, device):
+        self.emit, self.should_stop, self.device = emit, should_stop, device
+        self.t_start = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.current: str | None = None
+        self.iterations = 0
+        self.iteration = 0
+        self.n_gaussians: int | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
 
     @contextmanager
-    def __call__(self, name):
+    def stage(self, name: str, announce: bool = True, report: bool = True):
+        """announce: a stage of STAGES (stop check, current stage); report: emit its progress event (train()
+        reports its own)."""
+        if announce:
+            assert name in STAGES, name
+            if self.current is not None and self.should_stop():
+                raise _Stopped(self.current)
+            self.current = name
+        if announce and report:
+            event = {"event": "progress", "stage": name, "iteration": self.iteration, "iterations": self.iterations,
+                     "elapsed_s": self.elapsed()}
+            if self.n_gaussians is not None:
+                event["n_gaussians"] = self.n_gaussians
+            self.emit(event)
         _sync(self.device)
         t0 = time.perf_counter()
         yield
@@ -222,12 +174,17 @@ def mean_volume(model: GaussianModel, times) -> torch.Tensor:
     return voxelize(model.means, model.scales, model.rotations, model.mean_rho(times), model.grid)
 
 
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> dict:
     """Run the whole reconstruction; returns {"status", "outputs": {name: path}, "metrics": {...}}.
 
-    should_stop() is polled between stages and every iteration; a stop before training returns
-    status "cancelled" with nothing to resume, a stop during training keeps a checkpoint.
+    should_stop() is polled before each stage and every iteration; a stop before training returns status
+    "cancelled" with nothing to resume, a stop during or after training keeps a checkpoint (a stop during the
+    write stage lets the files being written finish).  Problems a user can fix (bad inputs, a full disk, too
+    little memory, a busy or foreign output folder) raise DRGSInputError before or instead of a partial result.
     """
     try:
         return _run(cfg, on_event or (lambda e: None), should_stop or (lambda: False))
@@ -236,136 +193,101 @@ def run_reconstruction(cfg: ReconstructConfig, on_event: Callable[[dict], None] 
                              "a problem that fits the card",
                              "lower --max-gaussians or --n-gaussians, close other GPU programs, or use --device cpu"
                              ) from None
+    except OSError as exc:
+        if isinstance(exc, WriteVerificationError) or exc.errno in _DISK_FULL:
+            raise DRGSInputError("an output file could not be written completely (the disk is full?)",
+                                 f"{exc}", f"free space in {cfg.out}",
+                                 "free some disk space or choose an --out on another disk; the previous results "
+                                 "in the folder are unchanged") from None
+        raise
 
 
-def _cancelled_early(emit, stage: str) -> dict:
-    emit({"event": "cancelled", "checkpoint": None, "iteration": 0, "stage": stage})
-    return {"status": "cancelled", "outputs": {}, "metrics": {}}
+def _cancelled(ctx: RunContext, stage: str, checkpoint: Path | None) -> dict:
+    event = {"event": "cancelled", "checkpoint": str(checkpoint) if checkpoint else None,
+             "iteration": ctx.iteration, "stage": stage}
+    ctx.emit(event)
+    return {"status": "cancelled", "outputs": {"checkpoint": str(checkpoint)} if checkpoint else {}, "metrics": {}}
+
+
+def _identity(cfg: ReconstructConfig) -> dict:
+    """Which inputs a result folder belongs to (a re-run on the same inputs may replace its results)."""
+    paths = {k: getattr(cfg, k) for k in ("case", "fill", "mask", "geometry") if getattr(cfg, k)}
+    return {k: str(Path(v).expanduser().resolve()) for k, v in paths.items()}
+
+
+def _cpu_sized(cfg: ReconstructConfig, device) -> tuple[ReconstructConfig, str | None]:
+    """On the CPU without a preset, the `demo` sizes (explicit values still win): the GPU sizes take hours."""
+    if device.type != "cpu" or cfg.preset is not None:
+        return cfg, None
+    note = ("running on the CPU: using the 'demo' problem sizes (--preset demo; options you set explicitly still "
+            "apply). The GPU-sized default (10k iterations, 30k Gaussians) would take hours on a CPU")
+    log.warning(note)
+    return cfg.with_preset("demo"), note
 
 
 def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    timer = _Timer(device)
+    cfg, note = _cpu_sized(cfg, device)
+    ctx = RunContext(emit, should_stop, device)
+    out = check_out_folder(cfg.out, [cfg.fill, cfg.mask, cfg.geometry], cfg.case)
+    with RunFolder(out, _identity(cfg), overwrite=cfg.overwrite, resume=cfg.resume) as folder:
+        try:
+            return _stages(cfg, ctx, folder, note)
+        except _Stopped as stop:
+            done_training = stop.args[0] not in ("load", "fdk", "init")
+            return _cancelled(ctx, stop.args[0], out / "checkpoint.pt" if done_training else None)
 
-    emit({"event": "progress", "stage": "load", "iteration": 0, "iterations": 0, "elapsed_s": 0.0})
-    with timer("load"):
+
+def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: str | None) -> dict:
+    out, stage_dir, device = folder.out, folder.staging, ctx.device
+    with ctx.stage("load"):
         case = load_case(cfg)
-    n = case.n_frames
-    if cfg.views > n:
-        raise DRGSInputError("more training views requested than frames", f"views={cfg.views}",
-                             f"at most {n} (the number of frames in the run)", f"pass --views {n} or fewer")
-    if not 0 <= cfg.cine_frame < n:
-        raise DRGSInputError("cine_frame is out of range", str(cfg.cine_frame), f"0..{n - 1}")
-    out.mkdir(parents=True, exist_ok=True)
+        n = case.n_frames
+        _check_sizes(cfg, case)
     tcfg = cfg.train_config()
+    ctx.iterations = tcfg.iterations
     train_idx = view_indices(n, cfg.views)
     held_idx = held_out_indices(n, train_idx)
-    save_json(out / "config.json", {"drgs4d_version": __version__, "reconstruct": cfg.to_dict(),
-                                    "train": asdict(tcfg), "train_frames": train_idx.tolist()})
-    emit({"event": "started", "run_dir": str(out.resolve()), "n_frames": n, "views": int(cfg.views),
-          "iterations": tcfg.iterations, "device": str(device), "backend": active_backend(device)})
+    save_json(stage_dir / "config.json", {"drgs4d_version": __version__, "reconstruct": cfg.to_dict(),
+                                          "train": asdict(tcfg), "train_frames": train_idx.tolist(),
+                                          "identity": folder.identity})
+    started = {"event": "started", "run_dir": str(out), "n_frames": n, "views": int(cfg.views),
+               "iterations": tcfg.iterations, "device": str(device), "backend": active_backend(device),
+               "preset": cfg.preset}
+    if note:
+        started["note"] = note
+    ctx.emit(started)
+    check_free_space(out, _output_bytes(cfg, case), "the results")
 
-    if should_stop():
-        return _cancelled_early(emit, "load")
-    geometry, grid = case.geometry, case.grid
     dsa_train = torch.as_tensor(case.dsa[train_idx], device=device)
-    emit({"event": "progress", "stage": "fdk", "iteration": 0, "iterations": tcfg.iterations,
-          "elapsed_s": time.perf_counter() - t_start})
-    with timer("fdk"):
-        fdk_vol = fdk(dsa_train, geometry.subset(train_idx), grid).clamp_min(0)
+    with ctx.stage("fdk"):
+        fdk_vol = fdk(dsa_train, case.geometry.subset(train_idx), case.grid).clamp_min(0)
 
-    if should_stop():
-        return _cancelled_early(emit, "fdk")
-    cameras = [geometry.camera(int(k), device=device) for k in train_idx]
-    checkpoint = out / "checkpoint.pt"
-    resuming = cfg.resume and checkpoint.exists()
-    with timer("init"):
-        torch.manual_seed(cfg.seed)  # the field's tables and MLP are initialised from the global generator
-        model = GaussianModel(grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size,
-                              n_levels=cfg.n_levels).to(device)
-        init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
-        if not resuming:
-            target = calibrate_initial_attenuation(model, dsa_train, cameras)
-            init_info["fit_rel_error"] = model.set_initial_attenuation(target, seed=cfg.seed)
-    emit({"event": "progress", "stage": "init", "iteration": 0, "iterations": tcfg.iterations,
-          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
+    with ctx.stage("init"):
+        model, init_info, cameras = _init_model(cfg, case, fdk_vol, dsa_train, train_idx, out / "checkpoint.pt",
+                                                device)
+        ctx.n_gaussians = model.n
+    del fdk_vol
 
-    all_times = case.times
-
-    def snapshot(it: int) -> dict:
-        snap = out / "snapshots"
-        snap.mkdir(exist_ok=True)
-        vol = mean_volume(model, all_times).cpu().numpy()
-        vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
-        write_volume(vpath, vol, grid)
-        level = cfg.iso_level if cfg.iso_level is not None else vessel_iso_level(vol)
-        result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
-        if level > 0 and vol.max() > level:
-            verts, faces = mesh_from_volume(vol, grid, level)
-            write_mesh(mpath, verts, faces)
-            result["mesh"] = str(mpath)
-        for old in snap.glob("*_*.*"):  # keep the files of the latest two snapshots
-            if int(old.name.split("_")[1].split(".")[0]) < it - cfg.snapshot_every:
-                old.unlink(missing_ok=True)
-        return result
-
-    with timer("train"):
-        result = train(model, dsa_train, cameras, all_times[train_idx], tcfg, n_views=int(cfg.views),
-                       on_event=emit, should_stop=should_stop, checkpoint_path=checkpoint, resume=cfg.resume,
-                       snapshot=snapshot)
+    with ctx.stage("train", report=False):
+        result = train(model, dsa_train, cameras, case.times[train_idx], tcfg, n_views=int(cfg.views),
+                       on_event=ctx.emit, should_stop=ctx.should_stop, checkpoint_path=out / "checkpoint.pt",
+                       resume=cfg.resume, snapshot=_snapshotter(cfg, model, case, out),
+                       fingerprint=fingerprint(case, cfg))
+    ctx.iteration, ctx.n_gaussians = result["iteration"], model.n
     if result["status"] == "cancelled":
-        emit({"event": "cancelled", "checkpoint": str(checkpoint), "iteration": result["iteration"]})
-        return {"status": "cancelled", "outputs": {"checkpoint": str(checkpoint)}, "metrics": {}}
+        return _cancelled(ctx, "train", out / "checkpoint.pt")
 
-    outputs = {}
-    emit({"event": "progress", "stage": "voxelize", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
-          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
-    with timer("voxelize"), torch.no_grad():
-        mean_rho = model.mean_rho(all_times)
-        vol_t = voxelize(model.means, model.scales, model.rotations, mean_rho, grid)
-        vol = vol_t.cpu().numpy()
-    emit({"event": "progress", "stage": "mesh", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
-          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
-    with timer("mesh"):
-        level = float(cfg.iso_level) if cfg.iso_level is not None else float(vessel_iso_level(vol))
-        if not (level > 0 and vol.max() > level):
-            raise RuntimeError(f"the reconstructed volume has nothing above the iso-level {level:g} "
-                               f"(max {vol.max():g}); pass --iso-level")
-        verts, faces = mesh_from_volume(vol, grid, level)
-    emit({"event": "progress", "stage": "write", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
-          "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
-    with timer("write"), torch.no_grad():
-        # Time-resolved volumes at evenly spaced frame times (4D DSA); renders of every frame at its time;
-        # a fixed-view cine over all frame times.  GPU work first, then all files written in parallel
-        # (compression and file I/O release the GIL).
-        t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
-        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, rho_t, grid).cpu().numpy()
-                          for rho_t in model.rho_at_times(t4)])
-        renders = render_frames(model, geometry, range(n), all_times, device)
-        cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
-        spacing = geometry.detector_spacing
-        jobs = {
-            "volume": (write_volume, out / "volume.nii.gz", vol, grid),
-            "mesh_stl": (write_mesh, out / "mesh.stl", verts, faces),
-            "mesh_vtk": (write_mesh, out / "mesh.vtk", verts, faces),
-            "segmentation": (write_labelmap, out / "segmentation.nii.gz", vol >= level, grid),
-            "volume_4d": (write_sequence_nrrd, out / "volume_4d.seq.nrrd", vols4, grid, t4),
-            "renders": (write_stack, out / "renders.nii.gz", renders, spacing),
-            "cine": (write_stack, out / "cine.nii.gz", cine, spacing),
-            "gaussians": (write_gaussians_ply, out / "gaussians.ply", model, mean_rho),
-            "model": (save_model, out / "model.pt", model),
-        }
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = {name: pool.submit(job[0], *job[1:]) for name, job in jobs.items()}
-            for name, fut in futures.items():
-                fut.result()
-                outputs[name] = str(jobs[name][1])
-    outputs["config"] = str(out / "config.json")
-    outputs["checkpoint"] = str(checkpoint)
-
-    with timer("image_metrics"):
+    with ctx.stage("voxelize"), torch.no_grad():
+        mean_rho = model.mean_rho(case.times)
+        vol = voxelize(model.means, model.scales, model.rotations, mean_rho, case.grid).cpu().numpy()
+    with ctx.stage("mesh"):
+        level = _iso_level(cfg, vol)
+        verts, faces = mesh_from_volume(vol, case.grid, level)
+    with ctx.stage("write"):
+        check_free_space(out, _output_bytes(cfg, case), "the results")
+        renders = _write_outputs(cfg, case, model, mean_rho, vol, level, verts, faces, stage_dir, device)
+    with ctx.stage("image_metrics", announce=False):
         q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
         q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
                   else {"psnr": None, "ssim": None})
@@ -375,9 +297,9 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "n_gaussians": model.n, "n_gaussians_init": init_info["n_gaussians"],
         "init_threshold": init_info["threshold"], "iso_level": level,
         "iterations": result["iteration"], "it_per_s": result["it_per_s"],
-        "fdk_s": timer.times["fdk"], "timings_s": dict(timer.times),
-        "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
-        "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
+        "fdk_s": ctx.times["fdk"], "timings_s": dict(ctx.times),
+        "end_to_end_s": ctx.elapsed(), "device": str(device), "backend": active_backend(device),
+        "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field, "preset": cfg.preset,
         "detector_binning": case.meta.get("detector_binning", 1),
         "densify": result["densify"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
@@ -389,14 +311,153 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     if truth is not None:
         from .evaluate import evaluate_against_truth
         t_eval = time.perf_counter()
-        metrics["truth"] = evaluate_against_truth(out, truth, level)
+        metrics["truth"] = evaluate_against_truth(stage_dir, truth, level)
         metrics["timings_s"]["truth_evaluation"] = time.perf_counter() - t_eval
-    metrics["total_s"] = time.perf_counter() - t_start
-    save_json(out / "metrics.json", metrics)
-    outputs["metrics"] = str(out / "metrics.json")
-    emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
+    metrics["total_s"] = ctx.elapsed()
+    save_json(stage_dir / "metrics.json", metrics)
+    names = sorted(p.name for p in stage_dir.iterdir())
+    folder.commit(names)
+    outputs = {key: str(out / name) for key, name in OUTPUT_FILES.items()}
+    outputs["checkpoint"] = str(out / "checkpoint.pt")
+    ctx.emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
     return {"status": "done", "outputs": outputs, "metrics": metrics}
 
+
+#: output key -> file name in the run folder
+OUTPUT_FILES = {"volume": "volume.nii.gz", "mesh_stl": "mesh.stl", "mesh_vtk": "mesh.vtk",
+                "segmentation": "segmentation.nii.gz", "volume_4d": "volume_4d.seq.nrrd",
+                "renders": "renders.nii.gz", "cine": "cine.nii.gz", "gaussians": "gaussians.ply",
+                "model": "model.pt", "config": "config.json", "metrics": "metrics.json"}
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_sizes(cfg: ReconstructConfig, case) -> None:
+    """Refuse problems whose volumes cannot fit in this machine's memory, before allocating them."""
+    n_frames = case.n_frames
+    if cfg.views > n_frames:
+        raise DRGSInputError("more training views requested than frames", f"views={cfg.views}",
+                             f"at most {n_frames} (the number of frames in the run)",
+                             f"pass --views {n_frames} or fewer")
+    if not cfg.cine_frame < n_frames:
+        raise DRGSInputError("cine_frame is out of range", str(cfg.cine_frame), f"0..{n_frames - 1}",
+                             f"pass --cine-frame between 0 and {n_frames - 1}")
+    voxels = int(np.prod(np.asarray(case.grid.resolution, dtype=np.float64)))
+    # float32 copies alive at once: FDK volume, mean volume, the 4D volumes and the marching-cubes input
+    need = 4 * voxels * (min(cfg.times_4d, n_frames) + 4)
+    total = _memory_bytes()
+    if total is not None and need > total:
+        raise DRGSInputError("the reconstruction volume does not fit in this machine's memory",
+                             f"volume_resolution {list(case.grid.resolution)} needs about {need / 2**30:.3g} GiB, "
+                             f"the machine has {total / 2**30:.3g} GiB",
+                             "a volume grid of a few hundred voxels per axis",
+                             "check volume_resolution in transforms.json (or use fewer --times-4d)")
+
+
+def _output_bytes(cfg: ReconstructConfig, case) -> int:
+    """A generous estimate of the result files' size (compressed files counted at half their raw size)."""
+    voxels = int(np.prod(case.grid.resolution))
+    pixels = int(np.prod(case.dsa.shape))
+    raw = 4 * voxels * min(cfg.times_4d, case.n_frames)  # the 4D NRRD is uncompressed
+    compressed = 4 * voxels + voxels + 2 * 4 * pixels
+    model = 64 * int(cfg.max_gaussians) + 8 * int(cfg.n_levels) * 2 ** int(cfg.log2_table_size)
+    return raw + compressed // 2 + 2 * model
+
+
+def _init_model(cfg, case, fdk_vol, dsa_train, train_idx, checkpoint: Path, device):
+    cameras = [case.geometry.camera(int(k), device=device) for k in train_idx]
+    resuming = cfg.resume and checkpoint.exists()
+    torch.manual_seed(cfg.seed)  # the field's tables and MLP are initialised from the global generator
+    model = GaussianModel(case.grid, static=cfg.static_field, log2_table_size=cfg.log2_table_size,
+                          n_levels=cfg.n_levels).to(device)
+    init_info = model.init_from_volume(fdk_vol, cfg.n_gaussians, threshold=cfg.init_threshold, seed=cfg.seed)
+    if not resuming:
+        target = calibrate_initial_attenuation(model, dsa_train, cameras)
+        init_info["fit_rel_error"] = model.set_initial_attenuation(target, seed=cfg.seed)
+    return model, init_info, cameras
+
+
+def _snapshotter(cfg, model, case, out: Path):
+    """snapshot(it) for train(): a preview volume and mesh in out/snapshots.
+
+    The files of the latest two snapshots are kept, so the files an event names exist at least until the next
+    snapshot event."""
+    written: list[list[Path]] = []
+
+    def snapshot(it: int) -> dict:
+        snap = out / "snapshots"
+        snap.mkdir(exist_ok=True)
+        vol = mean_volume(model, case.times).cpu().numpy()
+        vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
+        write_volume(vpath, vol, case.grid)
+        level = cfg.iso_level if cfg.iso_level is not None else vessel_iso_level(vol)
+        result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
+        files = [vpath]
+        if level > 0 and vol.max() > level:
+            verts, faces = mesh_from_volume(vol, case.grid, level)
+            write_mesh(mpath, verts, faces)
+            result["mesh"] = str(mpath)
+            files.append(mpath)
+        written.append(files)
+        while len(written) > 2:
+            for old in written.pop(0):
+                old.unlink(missing_ok=True)
+        return result
+
+    return snapshot
+
+
+def _iso_level(cfg: ReconstructConfig, vol: np.ndarray) -> float:
+    level = float(cfg.iso_level) if cfg.iso_level is not None else float(vessel_iso_level(vol))
+    if level > 0 and vol.max() > level:
+        return level
+    if cfg.iso_level is not None:
+        raise DRGSInputError("the iso-level is above every value of the reconstructed volume",
+                             f"--iso-level {cfg.iso_level:g}, volume maximum {vol.max():g} (1/mm)",
+                             f"a level between 0 and {vol.max():g}",
+                             "pass a lower --iso-level, or leave it out for the automatic level "
+                             "(the trained model is kept: rerun with --resume)")
+    raise DRGSInputError("the reconstructed volume is empty", f"maximum {vol.max():g} (1/mm), automatic "
+                         f"iso-level {level:g}", "vessels brighter than the background",
+                         "check the inputs (fill/mask order, angles), or pass --iso-level explicitly "
+                         "(the trained model is kept: rerun with --resume)")
+
+
+def _write_outputs(cfg, case, model, mean_rho, vol, level, verts, faces, folder: Path, device) -> np.ndarray:
+    """Every result file into `folder`; returns the renders of all frames [n, H, W] (for the image metrics).
+
+    Time-resolved volumes at evenly spaced frame times (4D DSA); renders of every frame at its time; a
+    fixed-view cine over all frame times.  GPU work first, then all files written in parallel (compression and
+    file I/O release the GIL)."""
+    n, grid, geometry, all_times = case.n_frames, case.grid, case.geometry, case.times
+    with torch.no_grad():
+        t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
+        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, rho_t, grid).cpu().numpy()
+                          for rho_t in model.rho_at_times(t4)])
+        renders = render_frames(model, geometry, range(n), all_times, device)
+        cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
+    spacing = geometry.detector_spacing
+    f = {k: folder / name for k, name in OUTPUT_FILES.items()}
+    jobs = [
+        (write_volume, f["volume"], vol, grid),
+        (write_mesh, f["mesh_stl"], verts, faces),
+        (write_mesh, f["mesh_vtk"], verts, faces),
+        (write_labelmap, f["segmentation"], vol >= level, grid),
+        (write_sequence_nrrd, f["volume_4d"], vols4, grid, t4),
+        (write_stack, f["renders"], renders, spacing),
+        (write_stack, f["cine"], cine, spacing),
+        (write_gaussians_ply, f["gaussians"], model, mean_rho),
+        (save_model, f["model"], model),
+    ]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for fut in [pool.submit(job[0], *job[1:]) for job in jobs]:
+            fut.result()
+    return renders
 
 def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None,
             use_secondary_angle: bool = True, detector_binning: int | str = "auto") -> dict:
@@ -405,6 +466,11 @@ def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: fl
     The iso-level (for the evaluation surface of a phantom) defaults to `robust_iso_level`, which separates the
     vessels from FDK's streak haze.  Returns the metrics (with a "truth" section for phantom cases).
     """
+    from .config import check_value
+
+    views = check_value("views", views, option_names=True)
+    iso_level = check_value("iso_level", iso_level, option_names=True)
+    out = check_out_folder(out, [], case_path)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     case = read_case(case_path, use_secondary=use_secondary_angle)
@@ -414,7 +480,6 @@ def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: fl
     t1 = time.perf_counter()
     vol = fdk(proj, case.geometry.subset(idx), case.grid).clamp_min(0).cpu().numpy()
     t_fdk = time.perf_counter() - t1
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_volume(out / "volume.nii.gz", vol, case.grid)
     level = float(iso_level) if iso_level is not None else float(robust_iso_level(vol))

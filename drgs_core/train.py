@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import fingerprint as fingerprints
 from .errors import DRGSInputError
 from .io.atomic import atomic_path
 from .model.density import DensityStats, densify_and_prune
@@ -148,8 +149,9 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, state: TrainState,
-                    cfg: TrainConfig, n_train: int) -> None:
+                    cfg: TrainConfig, n_train: int, fingerprint: dict | None = None) -> None:
     payload = {
+        "fingerprint": fingerprint,  # drgs_core.fingerprint: which case and settings this belongs to
         "n_train": n_train,
         "model": model.state_dict(),
         "static": model.static,
@@ -163,8 +165,9 @@ def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, 
 
 
 def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, n_train: int,
-                    capturable: bool = False) -> tuple:
-    payload = torch.load(path, map_location=device, weights_only=False)
+                    capturable: bool = False, fingerprint: dict | None = None) -> tuple:
+    payload = fingerprints.load_payload(path, device)
+    fingerprints.check(payload.get("fingerprint"), fingerprint, path)
     saved = payload.get("train_config", {})
     changed = [k for k in ("schedule", "iterations", "densify_until", "seed") if saved.get(k) != getattr(cfg, k)]
     if payload.get("n_train") != n_train:
@@ -192,12 +195,13 @@ def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, 
 def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndarray, cfg: TrainConfig, *,
           n_views: int, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_path: Path | None = None, resume: bool = False,
-          snapshot: Callable[[int], dict] | None = None) -> dict:
+          snapshot: Callable[[int], dict] | None = None, fingerprint: dict | None = None) -> dict:
     """Optimise `model` on the training frames.
 
     dsa: [n, H, W] measured DSA of the training frames on the model's device; cameras: n Camera objects;
     times: [n] normalised times of those frames.  Returns {"status": "done"|"cancelled", "iteration",
-    "it_per_s", "history", "densify"}.
+    "it_per_s", "history", "densify"}.  fingerprint: stored in checkpoints and checked on resume
+    (drgs_core.fingerprint).
     """
     emit = on_event or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -217,7 +221,8 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train, runner.use_graph)
+        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train, runner.use_graph,
+                                            fingerprint)
         rng.bit_generator.state = state.rng
         torch.set_rng_state(state.torch_rng.cpu())
         if state.cuda_rng is not None and device.type == "cuda":
@@ -233,7 +238,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
             state.rng = rng.bit_generator.state
             state.torch_rng = torch.get_rng_state()
             state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg, n_train)
+            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg, n_train, fingerprint)
 
     while state.iteration < cfg.iterations:
         if stop():

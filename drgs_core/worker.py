@@ -76,19 +76,43 @@ def encode_event(event: dict) -> str:
 
 
 class EventWriter:
-    """Writes protocol lines to a text stream, one flushed line per event, safe to call from several threads."""
+    """Writes protocol lines to a text stream, one flushed line per event, safe to call from several threads.
 
-    def __init__(self, stream):
+    A reader that goes away (closed pipe) is treated like a cancel: `on_closed()` is called once (the worker
+    passes its stop flag), later events are dropped, and the run stops at its next checkpoint.
+    """
+
+    def __init__(self, stream, on_closed=None):
         self.stream = stream
+        self.on_closed = on_closed
+        self.closed = False
         self._lock = threading.Lock()
         self.last_event: str | None = None
 
     def __call__(self, event: dict) -> None:
         line = encode_event(event)
         with self._lock:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+            if self.closed:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (BrokenPipeError, ConnectionResetError, OSError, ValueError):
+                self._reader_gone()
+                return
             self.last_event = event.get("event")
+
+    def _reader_gone(self) -> None:
+        self.closed = True
+        log.warning("the event reader closed stdout: stopping as if cancelled")
+        try:  # later flushes (also at exit) go nowhere instead of raising again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        if self.on_closed is not None:
+            self.on_closed()
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
@@ -130,6 +154,10 @@ def read_request(path: str) -> dict:
     except FileNotFoundError:
         raise DRGSInputError("the worker request file does not exist", path, "a JSON file",
                              "start the worker with --config pointing at an existing file") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise DRGSInputError("the worker request file cannot be read", f"{path}: {exc.strerror or exc}",
+                             "a readable JSON file", "start the worker with --config pointing at a JSON file"
+                             ) from None
     except ValueError as exc:
         raise DRGSInputError("the worker request file is not valid JSON", f"{path}: {exc}",
                              "a JSON object with the ReconstructConfig fields") from None
@@ -234,21 +262,14 @@ def summarize_case(case) -> dict:
 
 
 def load_case_for_request(request: dict):
-    """Read the case a request points at (a case folder, or fill + mask + geometry)."""
-    from .errors import DRGSInputError
-    from .io import read_case, read_runs  # noqa: F401 - provided by drgs_core.io
+    """Read the case a request points at exactly as a run would (pipeline.load_case: detector binning and the
+    secondary-angle setting included); the request's values are validated like a run's."""
+    from . import pipeline
 
-    if request.get("dicom"):
-        from .io.dicom import import_dicom
-
-        return import_dicom(request["dicom"], fill=request.get("fill_uid"), mask=request.get("mask_uid")).case
-    if request.get("case"):
-        return read_case(request["case"])
-    if request.get("fill") and request.get("mask") and request.get("geometry"):
-        return read_runs(request["fill"], request["mask"], request["geometry"])
-    raise DRGSInputError("no input given", "neither 'case' nor all of 'fill', 'mask' and 'geometry'",
-                         "a case folder, or fill and mask runs plus a geometry JSON",
-                         "choose a case folder or the three files in the panel")
+    values = dict(request)
+    if values.get("out") is None:
+        values["out"] = "."  # describing reads inputs only; no output folder is used
+    return pipeline.load_case(pipeline.ReconstructConfig.from_dict(values))
 
 
 def describe(request: dict) -> tuple[dict, int]:
@@ -375,6 +396,7 @@ def main(argv=None) -> int:
         return EXIT_INPUT
 
     stop = threading.Event()
+    emit.on_closed = stop.set
     _install_stop_handlers(stop)
     if args.watch_stdin:
         _watch_stdin(stop)

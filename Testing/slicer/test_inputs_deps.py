@@ -59,8 +59,10 @@ def test_describe_through_the_worker_matches_in_process(tmp_path):
                 name="tiny")
     folder = tmp_path / "tiny"
     write_case(case, folder)
-    local = inputs.describe_inputs({"case": str(folder)})
-    remote = inputs.describe_inputs({"case": str(folder)}, python=sys.executable, external=True)
+    raw = {"case": str(folder), "detector_binning": 1}  # describe reads as a run does: binning applies
+    local = inputs.describe_inputs(raw)
+    remote = inputs.describe_inputs(raw, python=sys.executable, external=True)
+    assert inputs.describe_inputs({"case": str(folder)})["detector_shape"] == [h // 2, w // 2]  # "auto" bins 2x2
     assert local["n_frames"] == remote["n_frames"] == n
     assert local["detector_shape"] == [h, w] and local["volume_resolution"] == [4, 5, 6]
     assert local["primary_deg"] == pytest.approx([np.degrees(-1.0), np.degrees(1.0)])

@@ -127,11 +127,26 @@ def test_input_error_is_reported_readably(scene, tiny_case, tmp_path, worker_env
     assert state.text.startswith("Error: ")
 
 
+def _inconsistent_checkpoint(request: dict, path) -> None:
+    """A checkpoint of the right run (fingerprint and schedule match) whose model state is not a model's: what
+    a buggy writer would leave. Unlike a damaged file (an input error), loading it is an internal error."""
+    import torch
+    from dataclasses import asdict
+
+    from drgs_core.fingerprint import fingerprint
+    from drgs_core.pipeline import ReconstructConfig, _cpu_sized, load_case
+
+    cfg, _ = _cpu_sized(ReconstructConfig(**request), torch.device("cpu"))
+    torch.save({"fingerprint": fingerprint(load_case(cfg), cfg), "train_config": asdict(cfg.train_config()),
+                "n_train": cfg.views, "model": {"not": "a model"}, "state": {}}, path)
+
+
 def test_internal_error_keeps_the_traceback(scene, tiny_case, tmp_path, worker_env):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint: this copy was cut off\n")
-    state = _job(scene, tiny_case, run_dir, worker_env, resume=True).start().wait(timeout=120)
+    job = _job(scene, tiny_case, run_dir, worker_env, resume=True)
+    _inconsistent_checkpoint(job.request, run_dir / "checkpoint.pt")
+    state = job.start().wait(timeout=120)
     assert state.status == "failed" and state.returncode == 1
     assert state.error["kind"] == "internal" and "load_checkpoint" in state.error["traceback"]
     assert state.text.startswith("Error: ")

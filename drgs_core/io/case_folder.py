@@ -31,6 +31,10 @@ FILL_STEM, MASK_STEM, TRANSFORMS = "fill_run", "mask_run", "transforms.json"
 #: log difference); 1e4 resembles detector counts.
 DEFAULT_I0 = 1.0e4
 
+#: negative / positive mass of log(mask) - log(fill) above which the runs are taken as swapped: noise alone
+#: gives about 1 and contrast adds to the positive side only (the noisy tiny phantom: 0.38, swapped 2.6)
+SWAP_RATIO = 1.5
+
 _CHUNK_PIXELS = 1 << 24  # frames are processed in blocks of about this many pixels (float64 temporaries)
 
 
@@ -41,16 +45,26 @@ def _frame_chunks(shape):
         yield slice(start, min(n, start + step))
 
 
-def dsa_from_runs(fill: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def dsa_from_runs(fill: np.ndarray, mask: np.ndarray, what: str = "the runs") -> np.ndarray:
     """DSA [N, H, W] float32 = max(log(mask) - log(fill), 0), computed in float64 blocks of frames.
 
-    Both runs must be positive (see sanitise_intensities).
+    Both runs must be positive (see sanitise_intensities).  Contrast only absorbs, so log(mask) - log(fill) is
+    mostly positive; when its negative part outweighs the positive one by far the runs are swapped: an error.
     """
     out = np.empty(fill.shape, dtype=np.float32)
+    pos = neg = 0.0
     for s in _frame_chunks(fill.shape):
         d = np.log(mask[s].astype(np.float64)) - np.log(fill[s].astype(np.float64))
+        pos += float(d[d > 0].sum())
+        neg -= float(d[d < 0].sum())
         np.maximum(d, 0.0, out=d)
         out[s] = d
+    if neg > SWAP_RATIO * pos and neg > 0:
+        raise DRGSInputError(f"the fill and mask runs look swapped ({what})",
+                             f"log(mask) - log(fill) is mostly negative (negative part {neg:.3g}, positive part "
+                             f"{pos:.3g})", "contrast-filled frames darker than the mask frames",
+                             "swap the files: fill_run is the run with contrast, mask_run the one without "
+                             "(--fill/--mask)")
     return out
 
 
@@ -100,7 +114,7 @@ def _build_case(fill_path: Path, mask_path: Path, json_path: Path, *, strict: bo
                                     info.secondary_angles)
     except DRGSInputError as exc:
         raise DRGSInputError(f"{json_path}: {exc.what}", exc.found, exc.expected, exc.fix) from None
-    dsa = dsa_from_runs(fill, mask)
+    dsa = dsa_from_runs(fill, mask, images)
     meta = {
         "fill_path": str(fill_path), "mask_path": str(mask_path), "transforms_path": str(json_path),
         "frame_files": info.frame_files, "sanitised": {"fill": fill_report, "mask": mask_report},

@@ -229,6 +229,15 @@ def parse_transforms(data: dict, source: str = "transforms.json", use_secondary:
 
     sad = keys.number("sad", positive=True)
     sid = keys.number("sid", positive=True)
+    extent = np.asarray(grid.physical_size, float)
+    if sad <= 0.5 * extent.max():
+        raise DRGSInputError(f"{source}: the X-ray source would be inside the reconstruction volume",
+                             f"sad = {sad:g} mm, volume {' x '.join(f'{e:g}' for e in extent)} mm",
+                             f"sad (source to isocentre, mm) well above half the volume size ({0.5 * extent.max():g} "
+                             "mm); C-arms have about 600-800 mm", "check sad/sid (millimetres) and volume_spacing")
+    if sad <= 0.5 * float(np.linalg.norm(extent)):
+        log.warning("%s: sad = %g mm is within the volume's corners (half diagonal %g mm)", source, sad,
+                    0.5 * float(np.linalg.norm(extent)))
     n_views = keys.integer("N_views", required=False)
     proj_resolution = keys.vector("proj_resolution", 2, integer=True, required=False)
     proj_spacing = keys.vector("proj_spacing", 2, required=False, allow_scalar=True)
@@ -260,6 +269,7 @@ def parse_transforms(data: dict, source: str = "transforms.json", use_secondary:
     secondary = np.asarray(secondary, dtype=np.float64)
     _check_radians(source, "PrimaryAngle", primary)
     _check_radians(source, "SecondaryAngle", secondary)
+    check_angles(source, primary, secondary)
     if n_views is not None and n_views != len(frames):
         raise DRGSInputError(f"{source}: N_views does not match the number of entries in 'frames'",
                              f"N_views = {n_views}, len(frames) = {len(frames)}", "equal counts",
@@ -275,6 +285,26 @@ def parse_transforms(data: dict, source: str = "transforms.json", use_secondary:
         proj_resolution=None if proj_resolution is None else (int(proj_resolution[0]), int(proj_resolution[1])),
         proj_spacing=proj_spacing, proj_phy=proj_phy, source=source,
         extra={k: v for k, v in data.items() if k not in known})
+
+
+def check_angles(source: str, primary: np.ndarray, secondary: np.ndarray) -> None:
+    """Degenerate orbits are errors; repeated or unsorted angles only warnings (real runs may have them)."""
+    if primary.size < 2:
+        return
+    span = float(np.degrees(np.ptp(primary)) + np.degrees(np.ptp(secondary)))
+    if span < 1.0:
+        raise DRGSInputError(f"{source}: all frames were taken from (nearly) the same direction",
+                             f"PrimaryAngle spans {np.degrees(np.ptp(primary)):.3g} degrees over {primary.size} "
+                             "frames", "a rotational run (typically 180-200 degrees)",
+                             "check that PrimaryAngle is filled per frame (radians) in this file")
+    pairs = np.round(np.stack([primary, secondary], 1), 9)
+    n_dup = primary.size - np.unique(pairs, axis=0).shape[0]
+    if n_dup:
+        log.warning("%s: %d frames repeat the angles of another frame", source, n_dup)
+    steps = np.diff(primary)
+    if np.any(steps > 0) and np.any(steps < 0):
+        log.warning("%s: PrimaryAngle is not monotonic over the frames (%d reversals); frames are expected in "
+                    "acquisition order", source, int(np.sum(np.diff(np.sign(steps[steps != 0])) != 0)))
 
 
 def check_image_count(info: TransformsInfo, n_images: int, images: str) -> None:
@@ -330,6 +360,12 @@ def sanitise_intensities(run: np.ndarray, what: str, strict: bool = False) -> tu
         raise DRGSInputError(f"the {what} has no positive finite intensity", found,
                              "detected X-ray intensities > 0 (the reader takes their logarithm)",
                              "check that this file holds the raw fill/mask run, not a DSA or log image")
+    whole = np.flatnonzero(bad.reshape(run.shape[0], -1).all(axis=1))
+    if whole.size:
+        raise DRGSInputError(f"the {what} has frames without any valid intensity", f"frames {_first_indices(whole)} "
+                             f"are entirely non-finite or <= 0 ({found})",
+                             "every frame holding detected X-ray intensities > 0",
+                             "export the run again; a frame with no data cannot be reconstructed from")
     if strict:
         raise DRGSInputError(f"the {what} has non-positive or non-finite intensities", found,
                              "detected X-ray intensities > 0 everywhere",
@@ -337,9 +373,7 @@ def sanitise_intensities(run: np.ndarray, what: str, strict: bool = False) -> tu
                              "smallest positive value of the run")
     floor = run[~bad].min()
     run[bad] = floor
-    whole = np.flatnonzero(bad.reshape(run.shape[0], -1).all(axis=1))
-    log.warning("%s: %s; replaced by the smallest positive value %g (log-safe)%s", what, found, float(floor),
-                f"; frames entirely invalid: {_first_indices(whole)}" if whole.size else "")
+    log.warning("%s: %s; replaced by the smallest positive value %g (log-safe)", what, found, float(floor))
     report.update(replaced=n_bad, non_finite=n_nonfinite, non_positive=n_nonpos,
                   frames=[int(f) for f in frames], floor=float(floor))
     return run, report

@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import DRGSInputError
 from ..geometry import VolumeGrid
-from .atomic import atomic_folder, atomic_path, move_files_in_order
+from .atomic import (WriteVerificationError, atomic_folder, atomic_path, move_files_in_order, verify_gzip_length,
+                     verify_size)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,41 @@ def _nrrd_header(grid: VolumeGrid) -> dict:
     }
 
 
+def _image_verifier(nbytes: int):
+    """A check for atomic_path: the written NIfTI/NRRD holds a header plus `nbytes` of voxel data.
+
+    Reads back only the header and the file's length (or the gzip stream's length field), so it is cheap; it
+    catches files cut off by a full disk that SimpleITK reports no error for.
+    """
+    def verify(tmp: Path) -> None:
+        name = tmp.name.lower()
+        if name.endswith((".nii", ".nii.gz")):
+            import gzip
+            import struct
+
+            try:
+                with (gzip.open if name.endswith(".gz") else open)(tmp, "rb") as fh:
+                    head = fh.read(348)
+                endian = "<" if struct.unpack("<i", head[:4])[0] == 348 else ">"
+                offset = int(struct.unpack(endian + "f", head[108:112])[0])  # NIfTI-1 vox_offset
+            except Exception as exc:  # noqa: BLE001 - a header that does not read back is a failed write
+                raise WriteVerificationError(f"{tmp.name}: the header does not read back ({exc})") from None
+            (verify_gzip_length if name.endswith(".gz") else verify_size)(tmp, offset + nbytes)
+        elif name.endswith(".nrrd"):
+            with open(tmp, "rb") as fh:
+                head = fh.read(1 << 16)
+            end = head.find(b"\n\n")
+            if end < 0:
+                raise WriteVerificationError(f"{tmp.name}: the NRRD header is cut off (is the disk full?)")
+            encoding = next((line.split(b":", 1)[1].strip() for line in head[:end].split(b"\n")
+                             if line.lower().startswith(b"encoding:")), b"raw")
+            if encoding in (b"gzip", b"gz"):
+                verify_gzip_length(tmp, nbytes, start=end + 2)
+            else:
+                verify_size(tmp, end + 2 + nbytes)
+    return verify
+
+
 def _write_nifti(tmp: Path, arr: np.ndarray, grid: VolumeGrid, label: bool) -> None:
     import nibabel as nib
 
@@ -120,7 +156,7 @@ def _write_nrrd_any(path: Path, arr: np.ndarray, header: dict, fmt: str) -> None
     import nrrd
 
     if fmt == "nrrd":
-        with atomic_path(path) as tmp:
+        with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
             nrrd.write(str(tmp), arr, header, index_order="F", compression_level=1)
         return
     # detached header: write both files in a temporary folder, then move the data file and then the header
@@ -143,7 +179,7 @@ def write_volume(path, array, grid: VolumeGrid, *, dtype=np.float32) -> Path:
     fmt = volume_format(path)
     arr = _float_array(_check_grid_array(array, grid, "volume"), dtype)
     if fmt == "nifti":
-        with atomic_path(path) as tmp:
+        with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
             _write_nifti(tmp, arr, grid, label=False)
     else:
         _write_nrrd_any(path, arr, _nrrd_header(grid), fmt)
@@ -169,7 +205,7 @@ def write_labelmap(path, mask, grid: VolumeGrid) -> Path:
                                  "relabel the segments to 0..255")
     arr = arr.astype(np.uint8)
     if fmt == "nifti":
-        with atomic_path(path) as tmp:
+        with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
             _write_nifti(tmp, arr, grid, label=True)
     else:
         _write_nrrd_any(path, arr, _nrrd_header(grid), fmt)
@@ -211,7 +247,7 @@ def write_sequence_nrrd(path, volumes, grid: VolumeGrid, times, *, index_name: s
     header["DataNodeClassName"] = "vtkMRMLScalarVolumeNode"
     # Uncompressed: T full volumes gzip at ~25 MB/s, which dominated the end-to-end time at 256^3.
     header["encoding"] = "raw"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
         nrrd.write(str(tmp), arr, header, index_order="F")
     return path
 
@@ -263,7 +299,7 @@ def write_stack(path, stack, spacing, *, dtype=np.float32) -> Path:
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((sx, sy, 1.0))
     img.SetOrigin((-(w - 1) / 2 * sx, -(h - 1) / 2 * sy, 0.0))
-    with atomic_path(path) as tmp:
+    with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
         sitk.WriteImage(img, str(tmp), True, 1)
     return path
 
@@ -273,6 +309,9 @@ def read_stack(path, what: str = "projection stack") -> np.ndarray:
     import SimpleITK as sitk
 
     path = Path(path)
+    if _lower_name(path).endswith(_NIFTI):
+        return _read_nifti_stack(path, what)
+    _check_gzip_stream(path, what)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -290,6 +329,64 @@ def read_stack(path, what: str = "projection stack") -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     return arr.astype(np.float32, copy=False)
+
+
+def _unreadable(path: Path, what: str, exc: BaseException) -> DRGSInputError:
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return DRGSInputError(f"the {what} could not be read: it is truncated or corrupt", text,
+                          "a complete NIfTI (.nii/.nii.gz) or NRRD (.nrrd/.nhdr) image",
+                          "copy or export the file again (an interrupted download or copy cuts files short)")
+
+
+def _check_gzip_stream(path: Path, what: str) -> None:
+    """Decompress a .gz file to its end: a cut-off or damaged stream is an error (readers may zero-fill)."""
+    if not _lower_name(path).endswith(".gz"):
+        return
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    except (OSError, EOFError, ValueError) as exc:
+        raise _unreadable(path, what, exc) from None
+
+
+def _read_nifti_stack(path: Path, what: str) -> np.ndarray:
+    """NIfTI through nibabel, which raises on a truncated file and keeps NaN/inf (ITK's reader turns them to 0).
+
+    The voxel buffer is the same one SimpleITK reads, so array.T is [N, H, W] as GetArrayFromImage gives it.
+    """
+    import nibabel as nib
+
+    if not path.is_file():
+        raise DRGSInputError(f"the {what} {path.name} does not exist", str(path), "an existing file",
+                             "check the path")
+    try:
+        if _lower_name(path).endswith(".gz"):
+            # inflate it all at once: gzip checks the stream's end and CRC (nibabel stops at the last voxel)
+            import gzip
+
+            raw = gzip.decompress(path.read_bytes())
+            img = (nib.Nifti1Image if len(raw) >= 4 and raw[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")
+                   else nib.Nifti2Image).from_bytes(raw)
+        else:
+            img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for damaged files
+        raise _unreadable(path, what, exc) from None
+    shape = arr.shape
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or arr.dtype.kind not in "biuf":
+        raise DRGSInputError(f"the {what} {path.name} is not a stack of grey-level images",
+                             f"array of shape {shape} and type {arr.dtype}",
+                             "a 3D single-component image of size W x H x N (frames along the 3rd axis)",
+                             "export the run as one 3D grey-level image")
+    arr = arr.T
+    if arr.ndim == 2:
+        arr = arr[None]
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -373,6 +470,7 @@ def read_volume(path, *, reorient: bool = True) -> tuple[np.ndarray, VolumeInfo]
     if not path.is_file():
         raise DRGSInputError("volume file not found", str(path), "an existing .nii/.nii.gz/.nrrd/.nhdr file",
                              "check the path")
+    _check_gzip_stream(path, f"volume {path.name}")
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
