@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # hash-grid levels: on their 64^3 grids, levels finer than the voxels add cost and nothing else.
 PRESETS = {
     None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "n_levels": 12,
-           "max_gaussians": 500_000},
+           "max_gaussians": 150_000},
     "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "n_levels": 8, "max_gaussians": 8_000},
     "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "n_levels": 6, "max_gaussians": 2_000},
 }
@@ -306,7 +306,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     with timer("train"):
         result = train(model, dsa_train, cameras, all_times[train_idx], tcfg, n_views=int(cfg.views),
                        on_event=emit, should_stop=should_stop, checkpoint_path=checkpoint, resume=cfg.resume,
-                       snapshot=snapshot)
+                       snapshot=snapshot, vessel_voxels=init_info["candidates"])
     if result["status"] == "cancelled":
         emit({"event": "cancelled", "checkpoint": str(checkpoint), "iteration": result["iteration"]})
         return {"status": "cancelled", "outputs": {"checkpoint": str(checkpoint)}, "metrics": {}}
@@ -371,7 +371,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
         "detector_binning": case.meta.get("detector_binning", 1),
-        "densify": result["densify"], "loss_history": result["history"],
+        "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
     }
