@@ -20,12 +20,14 @@ import torch
 
 from . import __version__
 from .ct import fdk
+from .ct.registration import register_case
 from .errors import DRGSInputError
 from .geometry import held_out_indices, view_indices
 from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
+from .specks import drop_specks
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
 from .train import TrainConfig, train
@@ -74,6 +76,8 @@ class ReconstructConfig:
     use_secondary_angle: bool = True   # False: treat SecondaryAngle as 0, as the reference implementation does
     cuda_graph: bool = True            # replay training iterations from a CUDA graph (GPU with the CUDA kernels)
     detector_binning: int | str = "auto"  # merge k x k detector pixels; "auto": down to about the voxel size
+    min_speck_voxels: int | str = "auto"  # mesh/segmentation drop components smaller than this (0: keep all)
+    registration: str = "auto"         # mask-to-fill pixel shift before subtraction: auto (when it helps), on, off
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -138,6 +142,7 @@ def load_case(cfg: ReconstructConfig):
         case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
     else:
         case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
+    case, _ = register_case(case, cfg.registration)
     return case.binned(binning_factor(cfg.detector_binning, case))
 
 
@@ -325,7 +330,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         if not (level > 0 and vol.max() > level):
             raise RuntimeError(f"the reconstructed volume has nothing above the iso-level {level:g} "
                                f"(max {vol.max():g}); pass --iso-level")
-        verts, faces = mesh_from_volume(vol, grid, level)
+        vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels)
+        verts, faces = mesh_from_volume(vol_clean, grid, level)
     emit({"event": "progress", "stage": "write", "iteration": tcfg.iterations, "iterations": tcfg.iterations,
           "n_gaussians": model.n, "elapsed_s": time.perf_counter() - t_start})
     with timer("write"), torch.no_grad():
@@ -342,7 +348,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
             "volume": (write_volume, out / "volume.nii.gz", vol, grid),
             "mesh_stl": (write_mesh, out / "mesh.stl", verts, faces),
             "mesh_vtk": (write_mesh, out / "mesh.vtk", verts, faces),
-            "segmentation": (write_labelmap, out / "segmentation.nii.gz", vol >= level, grid),
+            "segmentation": (write_labelmap, out / "segmentation.nii.gz", seg, grid),
             "volume_4d": (write_sequence_nrrd, out / "volume_4d.seq.nrrd", vols4, grid, t4),
             "renders": (write_stack, out / "renders.nii.gz", renders, spacing),
             "cine": (write_stack, out / "cine.nii.gz", cine, spacing),
@@ -371,7 +377,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
         "detector_binning": case.meta.get("detector_binning", 1),
-        "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
+        "registration": case.meta.get("registration"), "specks": speck_info, "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
     }

@@ -153,7 +153,10 @@ class DensityStrategy:
         doomed = out_box | low | rejected | oversized
 
         # ---- grow (only where the residual says structure is missing), within the budget
-        gate = st.mean_residual() > cfg.grow_sigmas * self.box_sigma / st.visible_count.clamp_min(1).sqrt()
+        # The DSA is clipped at 0, so pure noise leaves a positive mean residual of sigma / sqrt(2 pi) where
+        # nothing is rendered; structure must stand `grow_sigmas` (box-filtered, view-averaged) sigmas above it.
+        floor = self.noise_sigma / math.sqrt(2 * math.pi)
+        gate = st.mean_residual() > floor + cfg.grow_sigmas * self.box_sigma / st.visible_count.clamp_min(1).sqrt()
         want = (grads >= cfg.grad_threshold) & seen & ~doomed
         selected = want & gate if cfg.grow_sigmas > 0 else want
         n_left = n0 - int(doomed.sum())
