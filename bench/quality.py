@@ -49,6 +49,32 @@ def truth_ceiling(case_dir: Path) -> float:
     return float(best_dice(vol, mask > 0.5)[0])
 
 
+def level_sweep(run_dir: Path, case_dir: Path) -> dict:
+    """CD / HD95 (after speck removal) of the run's volume at several iso-levels: fractions of the robust vessel
+    value M and Otsu's split; for choosing the default iso-level rule (docs/METHOD.md §10.5)."""
+    from drgs_core.io import read_mesh, read_volume
+    from drgs_core.metrics import _robust_vessel_value, best_dice, chamfer_hd95, mesh_from_volume, robust_iso_level
+    from drgs_core.specks import drop_specks
+
+    vol, info = read_volume(run_dir / "volume.nii.gz")
+    truth_verts, _ = read_mesh(case_dir / "truth" / "mesh.stl")
+    mask, _ = read_volume(case_dir / "truth" / "mask.nii.gz")
+    M = _robust_vessel_value(vol, 99.5)[1]
+    bd, bthr = best_dice(vol, mask > 0.5)
+    levels = {f"{f:.2f}M": f * M for f in (0.1, 0.15, 0.2, 0.3, 0.4, 0.5)}
+    levels["otsu"] = robust_iso_level(vol)
+    levels["bestdice"] = bthr
+    out = {"best_dice_threshold_over_M": bthr / M}
+    for name, lv in levels.items():
+        clean, _, _ = drop_specks(vol, lv)
+        verts, _ = mesh_from_volume(clean, info.grid, lv)
+        if len(verts) == 0:
+            continue
+        d = chamfer_hd95(verts, truth_verts)
+        out[name] = (round(lv / M, 3), round(float(d["cd"]), 3), round(float(d["hd95"]), 3))
+    return out
+
+
 def make_case(name: str, out: Path, size, device: str) -> Path:
     from drgs_core.phantom import make_phantom, write_phantom
     from drgs_core.phantom.presets import PhantomConfig
@@ -94,7 +120,7 @@ def main():
         plan = [(p, v, s, "auto") for p in args.presets for v in args.views for s in args.schedules]
         if args.ablate_registration:
             plan += [(p, max(args.views), "fast", "off") for p in args.presets if p.startswith("hard")]
-    rows, cases, fdks, ceilings = [], {}, {}, {}
+    rows, cases, fdks, ceilings, sweeps = [], {}, {}, {}, {}
     rows_path = out / "quality_rows.md"
     rows_path.write_text(HEADER)
     for preset, views, schedule, registration in plan:
@@ -131,7 +157,9 @@ def main():
         with rows_path.open("a") as f:
             f.write(line)
         print(line.strip(), f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        (out / "quality.json").write_text(json.dumps({"rows": rows}, indent=1))
+        sweeps[run_dir.name] = level_sweep(run_dir, case_dir)
+        print("  iso-level sweep (level/M, CD, HD95):", sweeps[run_dir.name], flush=True)
+        (out / "quality.json").write_text(json.dumps({"rows": rows, "level_sweeps": sweeps}, indent=1))
     if not args.no_append and rows:
         res = Path(args.results)
         text = res.read_text() if res.exists() else ""
