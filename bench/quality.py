@@ -156,7 +156,8 @@ def main():
         rows.append(line)
         with rows_path.open("a") as f:
             f.write(line)
-        print(line.strip(), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(line.strip(), f"({time.perf_counter() - t0:.0f} s; graph {m.get('cuda_graph')}, "
+              f"{m.get('graph_captures')} captures, {m.get('skipped_iterations')} skipped)", flush=True)
         sweeps[run_dir.name] = level_sweep(run_dir, case_dir)
         print("  iso-level sweep (level/M, CD, HD95):", sweeps[run_dir.name], flush=True)
         (out / "quality.json").write_text(json.dumps({"rows": rows, "level_sweeps": sweeps}, indent=1))
