@@ -60,6 +60,7 @@ def test_register_case_auto_applies_only_when_it_helps():
         case = Case(dsa=dsa, geometry=geo, grid=grid, fill=fill, mask=mask)
         out, rep = register_case(case, "auto")
         assert rep["applied"] is expect, rep
+        assert out.meta["registration"] == rep  # recorded either way (metrics.json)
         if expect:
             err_before = np.abs(case.dsa - V)[:, 8:-8, 8:-8].mean()
             err_after = np.abs(out.dsa - V)[:, 8:-8, 8:-8].mean()

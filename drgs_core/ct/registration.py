@@ -103,14 +103,14 @@ def register_case(case, mode: str = "auto", min_gain: float = 0.05):
     if mode == "off" or case.fill is None or case.mask is None:
         if case.fill is None and mode == "on":
             log.warning("registration requested, but the case has no raw runs (a DSA-only case): skipped")
-        return case, report
+        return dataclasses.replace(case, meta={**case.meta, "registration": report}), report
     d, energy = estimate_shifts(case.fill, case.mask)
     norm = np.hypot(d[:, 0], d[:, 1])
     report.update(energy, mean_shift_px=float(norm.mean()), max_shift_px=float(norm.max()))
     gain = 1.0 - energy["residual_after"] / max(energy["residual_before"], 1e-30)
     report["residual_reduction"] = float(gain)
     if mode == "auto" and (gain <= min_gain or norm.max() <= 0.05):
-        return case, report
+        return dataclasses.replace(case, meta={**case.meta, "registration": report}), report
     mask = shift_images(torch.as_tensor(case.mask, dtype=torch.float32), torch.as_tensor(d, dtype=torch.float32))
     mask = mask.numpy()
     with np.errstate(divide="ignore"):
