@@ -115,7 +115,7 @@ class DensityStrategy:
             if model.n == 0:
                 raise RuntimeError("density control removed every Gaussian; lower min_contribution")
             self.stats = self._fresh(model.n)
-        if cfg.decay_every and iteration % cfg.decay_every == 0 and iteration < cfg.stop:
+        if cfg.decay_every and iteration % cfg.decay_every == 0 and cfg.start < iteration < cfg.stop:
             self._decay(model)
             self.stats = self._fresh(model.n)
             entry = {"iteration": iteration, "decay": cfg.decay_factor if model.static else None, "n": model.n}
