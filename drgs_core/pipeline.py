@@ -377,7 +377,8 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
         "end_to_end_s": time.perf_counter() - t_start, "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field,
         "detector_binning": case.meta.get("detector_binning", 1),
-        "registration": case.meta.get("registration"), "specks": speck_info, "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
+        "registration": case.meta.get("registration"), "specks": speck_info,
+        "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
     }

@@ -193,8 +193,8 @@ class DensityStrategy:
             "cloned": int(clone.sum()), "split": int(split.sum()),
             "pruned_box": int(out_box.sum()), "pruned_rho": int(low.sum()),
             "pruned_rejected": int(rejected.sum()), "pruned_oversized": int(oversized.sum()),
-            "grow_candidates": int(want.sum()), "grow_gated_out": int((want & ~gate).sum()) if cfg.grow_sigmas > 0 else 0,
-            "grow_capped": capped,
+            "grow_candidates": int(want.sum()),
+            "grow_gated_out": int((want & ~gate).sum()) if cfg.grow_sigmas > 0 else 0, "grow_capped": capped,
         }
 
     # ------------------------------------------------------------------ persistence
