@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phantom", help="write a synthetic DSA phantom case folder with ground truth")
     s.add_argument("out", help="output case folder")
-    s.add_argument("--preset", default="demo", choices=["demo", "paper", "paper1024"], help="problem size (default demo)")
+    s.add_argument("--preset", default="demo", choices=["demo", "paper", "paper1024", "hard", "hard-demo"],
+                   help="problem size and physics (default demo; hard*: motion, scatter, low dose)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the vessel tree and noise")
     s.add_argument("--static", action="store_true", help="no contrast flow (vessels always filled)")
     s.add_argument("--no-noise", action="store_true", help="noise-free runs (default: Poisson noise)")
@@ -313,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="small sizes for CPU runs (on the CPU, 'demo' is the default: see the README)")
     s.add_argument("--n-gaussians", type=int, help="initial Gaussians drawn from the FDK (default 30000)")
     s.add_argument("--init-threshold", help="FDK threshold for initialisation: 'auto' or a value in 1/mm")
-    s.add_argument("--max-gaussians", type=int, help="cap on the number of Gaussians (default 500000)")
+    s.add_argument("--max-gaussians", type=int, help="cap on the number of Gaussians (default 150000)")
+    s.add_argument("--min-speck-voxels", help="mesh and segmentation drop components smaller than this many "
+                   "voxels: 'auto' (default), 0 keeps all")
+    s.add_argument("--registration", choices=["auto", "on", "off"],
+                   help="rigid mask-to-fill registration before subtraction (default auto: when it helps)")
     s.add_argument("--n-levels", type=int, help="hash-grid levels (default 12)")
     s.add_argument("--log2-table-size", type=int, help="hash table size per level, log2 (default 19)")
     s.add_argument("--static-field", action="store_true", help="ablation: static per-Gaussian attenuation")

@@ -24,7 +24,7 @@ from .errors import DRGSInputError
 # hash-grid levels: on their 64^3 grids, levels finer than the voxels add cost and nothing else.
 PRESETS = {
     None: {"iterations": None, "n_gaussians": 30_000, "log2_table_size": 19, "n_levels": 12,
-           "max_gaussians": 500_000},
+           "max_gaussians": 150_000},
     "demo": {"iterations": 1200, "n_gaussians": 3000, "log2_table_size": 15, "n_levels": 8, "max_gaussians": 8_000},
     "tiny": {"iterations": 150, "n_gaussians": 800, "log2_table_size": 12, "n_levels": 6, "max_gaussians": 2_000},
 }
@@ -71,6 +71,9 @@ class ReconstructConfig:
     use_secondary_angle: bool = _f(True)  # False: treat SecondaryAngle as 0, as the reference implementation does
     cuda_graph: bool = _f(True, model=False)  # replay training iterations from a CUDA graph (GPU)
     detector_binning: int | str = _f("auto", choices=("auto",), min=1)  # merge k x k pixels; "auto": ~voxel size
+    # mesh/segmentation drop components smaller than this many voxels; "auto": a fraction of the segmented voxels
+    min_speck_voxels: int | str = _f("auto", choices=("auto",), min=0, model=False)
+    registration: str = _f("auto", choices=("auto", "on", "off"))  # mask-to-fill pixel shift before subtraction
     dicom: str | None = _f(None, path=True, model=False)  # rotational XA DICOM folder (drgs_core.io.dicom)
     fill_uid: str | None = _f(None, model=False)  # with dicom: the fill / mask run ids (default: automatic pairing)
     mask_uid: str | None = _f(None, model=False)
@@ -88,10 +91,10 @@ class ReconstructConfig:
                                  "a case folder, a DICOM folder, or all three of fill, mask and geometry",
                                  "pass CASE (a folder with fill_run, mask_run and transforms.json), --dicom DIR or "
                                  "--fill/--mask/--geometry")
-        if sum(x is not None for x in (self.case, self.dicom)) + bool(self.fill or self.mask or self.geometry) > 1:
-            raise DRGSInputError("more than one input was given",
-                                 f"case={self.case!r}, dicom={self.dicom!r}, fill/mask/geometry "
-                                 f"{'set' if self.fill or self.mask or self.geometry else 'unset'}", "one input",
+        given = [name for name, on in (("a case folder", self.case is not None), ("a DICOM folder", self.dicom is not None),
+                                        ("fill/mask/geometry files", bool(self.fill or self.mask or self.geometry))) if on]
+        if len(given) > 1:
+            raise DRGSInputError("more than one input was given", "both " + " and ".join(given), "one input",
                                  "pass either CASE, --dicom DIR or --fill/--mask/--geometry")
 
     @classmethod

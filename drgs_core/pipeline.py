@@ -26,6 +26,7 @@ import torch
 from . import __version__
 from .config import PRESETS, ReconstructConfig  # noqa: F401 - re-exported: the public home of both
 from .ct import fdk
+from .ct.registration import register_case
 from .errors import DRGSInputError
 from .fingerprint import fingerprint
 from .geometry import held_out_indices, view_indices
@@ -36,6 +37,7 @@ from .io.run_folder import RunFolder, check_out_folder
 from .stages import STAGES
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
+from .specks import drop_specks
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
 from .train import train
@@ -68,6 +70,7 @@ def load_case(cfg: ReconstructConfig):
         case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
     else:
         case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
+    case, _ = register_case(case, cfg.registration)
     return case.binned(binning_factor(cfg.detector_binning, case))
 
 
@@ -273,7 +276,7 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         result = train(model, dsa_train, cameras, case.times[train_idx], tcfg, n_views=int(cfg.views),
                        on_event=ctx.emit, should_stop=ctx.should_stop, checkpoint_path=out / "checkpoint.pt",
                        resume=cfg.resume, snapshot=_snapshotter(cfg, model, case, out),
-                       fingerprint=fingerprint(case, cfg))
+                       vessel_voxels=init_info["candidates"], fingerprint=fingerprint(case, cfg))
     ctx.iteration, ctx.n_gaussians = result["iteration"], model.n
     if result["status"] == "cancelled":
         return _cancelled(ctx, "train", out / "checkpoint.pt")
@@ -283,10 +286,11 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         vol = voxelize(model.means, model.scales, model.rotations, mean_rho, case.grid).cpu().numpy()
     with ctx.stage("mesh"):
         level = _iso_level(cfg, vol)
-        verts, faces = mesh_from_volume(vol, case.grid, level)
+        vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels)
+        verts, faces = mesh_from_volume(vol_clean, case.grid, level)
     with ctx.stage("write"):
         check_free_space(out, _output_bytes(cfg, case), "the results")
-        renders = _write_outputs(cfg, case, model, mean_rho, vol, level, verts, faces, stage_dir, device)
+        renders = _write_outputs(cfg, case, model, mean_rho, vol, seg, verts, faces, stage_dir, device)
     with ctx.stage("image_metrics", announce=False):
         q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
         q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
@@ -301,7 +305,8 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         "end_to_end_s": ctx.elapsed(), "device": str(device), "backend": active_backend(device),
         "views": int(cfg.views), "n_frames": n, "static_field": cfg.static_field, "preset": cfg.preset,
         "detector_binning": case.meta.get("detector_binning", 1),
-        "densify": result["densify"], "loss_history": result["history"],
+        "registration": case.meta.get("registration"), "specks": speck_info,
+        "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
     }
@@ -428,7 +433,7 @@ def _iso_level(cfg: ReconstructConfig, vol: np.ndarray) -> float:
                          "(the trained model is kept: rerun with --resume)")
 
 
-def _write_outputs(cfg, case, model, mean_rho, vol, level, verts, faces, folder: Path, device) -> np.ndarray:
+def _write_outputs(cfg, case, model, mean_rho, vol, seg, verts, faces, folder: Path, device) -> np.ndarray:
     """Every result file into `folder`; returns the renders of all frames [n, H, W] (for the image metrics).
 
     Time-resolved volumes at evenly spaced frame times (4D DSA); renders of every frame at its time; a
@@ -447,7 +452,7 @@ def _write_outputs(cfg, case, model, mean_rho, vol, level, verts, faces, folder:
         (write_volume, f["volume"], vol, grid),
         (write_mesh, f["mesh_stl"], verts, faces),
         (write_mesh, f["mesh_vtk"], verts, faces),
-        (write_labelmap, f["segmentation"], vol >= level, grid),
+        (write_labelmap, f["segmentation"], seg, grid),
         (write_sequence_nrrd, f["volume_4d"], vols4, grid, t4),
         (write_stack, f["renders"], renders, spacing),
         (write_stack, f["cine"], cine, spacing),

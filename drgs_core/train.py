@@ -2,9 +2,9 @@
 
 One iteration: a random training frame (shuffled without replacement per epoch), a temporally perturbed
 time t' = clip(t_k + N(0, sigma_t^2), 0, 1), a rendering, loss 0.8 L1 + 0.2 (1 - SSIM), Adam with
-exponentially decaying learning rates, then density-control statistics and, every `densify_every`
-iterations inside the densification window, clone / split / prune.  The iteration itself is
-`train_step.StepRunner` (a CUDA graph on the GPU).
+exponentially decaying learning rates, then density-control statistics; after it the density strategy
+(`model.strategy.DensityStrategy`) may grow / prune / decay.  The iteration itself is `train_step.StepRunner`
+(a CUDA graph on the GPU), which accumulates the strategy's statistics inside the captured step.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import torch
 from . import fingerprint as fingerprints
 from .errors import DRGSInputError
 from .io.atomic import atomic_path
-from .model.density import DensityStats, densify_and_prune
+from .model.density import measure_noise
 from .model.gaussians import GaussianModel
+from .model.strategy import DensityConfig, DensityStrategy
 from .train_step import StepRunner
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class TrainConfig:
     min_rho: float = 1e-6
     clone_voxels_start: float = 2.5        # p decays linearly from this to the end value (voxels)
     clone_voxels_end: float = 0.5
-    max_gaussians: int = 500_000
+    max_gaussians: int = 150_000
     min_densify_every: int = 1             # e.g. the number of views: statistics over at least one epoch
+    decay_every: int | None = None         # None: 3000 iterations, scaled with an overridden iteration count
+    density: dict = field(default_factory=dict)   # further DensityConfig settings (docs/METHOD.md §10)
     temporal_sigma: float | None = None    # None: 1 / n_views
     ssim_weight: float = 0.2
     lr_position: tuple[float, float] = (1e-4, 1e-5)   # times max(volume_phy)
@@ -73,6 +76,8 @@ class TrainConfig:
             self.densify_every = max(1, int(round(self.densify_every * self.iterations / total)))
         if self.densify_until is None:
             self.densify_until = until
+        if self.decay_every is None:
+            self.decay_every = max(1, int(round(3000 * int(self.iterations) / total)))
         self.densify_every = max(self.densify_every, self.min_densify_every)
         if int(self.iterations) < 1:
             raise DRGSInputError("iterations must be positive", str(self.iterations), ">= 1")
@@ -81,6 +86,12 @@ class TrainConfig:
         self.lr_rotation = tuple(self.lr_rotation)
         self.lr_field = tuple(self.lr_field)
         self.lr_static_rho = tuple(self.lr_static_rho)
+
+    def density_config(self) -> DensityConfig:
+        return DensityConfig(start=self.densify_from, stop=self.densify_until, every=self.densify_every,
+                             grad_threshold=self.grad_threshold, clone_voxels_start=self.clone_voxels_start,
+                             clone_voxels_end=self.clone_voxels_end, max_gaussians=self.max_gaussians,
+                             min_rho=self.min_rho, decay_every=self.decay_every, **self.density)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -148,7 +159,7 @@ class TrainState:
     rates: list = field(default_factory=list)    # iterations/s over each progress window
 
 
-def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStats, state: TrainState,
+def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStrategy, state: TrainState,
                     cfg: TrainConfig, n_train: int, fingerprint: dict | None = None) -> None:
     payload = {
         "fingerprint": fingerprint,  # drgs_core.fingerprint: which case and settings this belongs to
@@ -186,8 +197,7 @@ def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, 
     for g, (fused, capt) in zip(opt.param_groups, modes):  # this run's mode, not the one that saved it
         g["fused"], g["capturable"] = fused, capt
     set_learning_rates(opt, model, cfg, 0)
-    s = payload["stats"]
-    stats = DensityStats(s["grad_sum"], s["rho_sum"], s["visible_count"])
+    stats = payload["stats"]   # the density strategy's state_dict
     state = TrainState(**payload["state"])
     return opt, stats, state
 
@@ -195,13 +205,15 @@ def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, 
 def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndarray, cfg: TrainConfig, *,
           n_views: int, on_event: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
           checkpoint_path: Path | None = None, resume: bool = False,
-          snapshot: Callable[[int], dict] | None = None, fingerprint: dict | None = None) -> dict:
+          snapshot: Callable[[int], dict] | None = None, vessel_voxels: int | None = None,
+          fingerprint: dict | None = None) -> dict:
     """Optimise `model` on the training frames.
 
     dsa: [n, H, W] measured DSA of the training frames on the model's device; cameras: n Camera objects;
-    times: [n] normalised times of those frames.  Returns {"status": "done"|"cancelled", "iteration",
-    "it_per_s", "history", "densify"}.  fingerprint: stored in checkpoints and checked on resume
-    (drgs_core.fingerprint).
+    times: [n] normalised times of those frames; vessel_voxels: FDK voxels above the initialisation threshold
+    (sets the density budget).  Returns {"status": "done"|"cancelled", "iteration", "it_per_s", "history",
+    "densify" (the density strategy's per-round log), "density" (its settings, noise level and budget)}.
+    fingerprint: stored in checkpoints and checked on resume (drgs_core.fingerprint).
     """
     emit = on_event or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -216,19 +228,20 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
     runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph)
     opt = make_optimizer(model, cfg, capturable=runner.use_graph)
-    stats = DensityStats.zeros(model.n, device)
+    strategy = DensityStrategy(cfg.density_config(), model, noise_sigma=measure_noise(runner.gt_stack),
+                               vessel_voxels=vessel_voxels)
     state = TrainState()
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train, runner.use_graph,
                                             fingerprint)
+        strategy.load_state_dict(stats)
         rng.bit_generator.state = state.rng
         torch.set_rng_state(state.torch_rng.cpu())
         if state.cuda_rng is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state.cuda_rng.cpu(), device)
         log.info("resumed from %s at iteration %d", checkpoint_path, state.iteration)
-    densify_log = []
     t0 = time.perf_counter()
     start_iter = state.iteration
     window = (start_iter, t0)
@@ -238,13 +251,13 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
             state.rng = rng.bit_generator.state
             state.torch_rng = torch.get_rng_state()
             state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            save_checkpoint(checkpoint_path, model, opt, stats, state, cfg, n_train, fingerprint)
+            save_checkpoint(checkpoint_path, model, opt, strategy, state, cfg, n_train, fingerprint)
 
     while state.iteration < cfg.iterations:
         if stop():
             checkpoint()
             return {"status": "cancelled", "iteration": state.iteration, "history": state.history,
-                    "it_per_s": _rate(state), "densify": densify_log}
+                    "it_per_s": _rate(state), "densify": strategy.log}
         step = state.iteration
         set_learning_rates(opt, model, cfg, step)
         if not state.order:
@@ -252,22 +265,11 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         k = state.order.pop()
         t = float(np.clip(times[k] + rng.normal(0.0, sigma_t), 0.0, 1.0))
         runner.load(k, t)
-        in_window = cfg.densify_from <= step < cfg.densify_until
-        loss = runner.run(model, opt, stats if in_window else None)
+        loss = runner.run(model, opt, strategy.statistics(step))
 
         state.iteration += 1
         it = state.iteration
-        if in_window and it % cfg.densify_every == 0:
-            frac = (step - cfg.densify_from) / max(cfg.densify_until - cfg.densify_from, 1)
-            p = cfg.clone_voxels_start + (cfg.clone_voxels_end - cfg.clone_voxels_start) * frac
-            info = densify_and_prune(model, opt, stats, grad_threshold=cfg.grad_threshold,
-                                     clone_limit=p * model.grid.min_spacing, min_rho=cfg.min_rho,
-                                     max_gaussians=cfg.max_gaussians)
-            info["iteration"] = it
-            densify_log.append(info)
-            stats = DensityStats.zeros(model.n, device)
-            if model.n == 0:
-                raise RuntimeError("density control removed every Gaussian; lower min_rho")
+        strategy.step(model, opt, it)
         if it % cfg.progress_every == 0 or it == cfg.iterations or it == start_iter + 1:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -292,7 +294,8 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         log.warning("%d iterations were skipped: their view needed more rasteriser pairs than the graph held",
                     runner.skipped)
     return {"status": "done", "iteration": state.iteration, "history": state.history,
-            "it_per_s": _rate(state), "densify": densify_log, "cuda_graph": runner.use_graph,
+            "it_per_s": _rate(state), "densify": strategy.log, "density": strategy.summary(),
+            "cuda_graph": runner.use_graph,
             "graph_captures": runner.captures, "skipped_iterations": runner.skipped}
 
 

@@ -117,7 +117,8 @@ class StepRunner:
                 opt.found_inf = overflow.float()   # the fused Adam kernel then leaves everything untouched
                 keep = 1.0 - opt.found_inf
         if stats is not None and means2d.grad is not None:
-            stats.update(out.visible, means2d.grad, self.camera.width, self.camera.height, rho, weight=keep)
+            stats.update(out.visible, means2d.grad, self.camera.width, self.camera.height, rho, weight=keep,
+                         residual=self.gt - img.detach(), centres=out.centres)
         opt.step()
         return loss.detach()
 

@@ -1,12 +1,15 @@
-"""Density control on constructed situations: clone, split, box pruning, accumulated-attenuation pruning."""
+"""Density control (model.density statistics, model.strategy policy) on constructed situations."""
 
 import math
 
+import numpy as np
+import pytest
 import torch
 
 from drgs_core.geometry import VolumeGrid
-from drgs_core.model.density import DensityStats, densify_and_prune
+from drgs_core.model.density import RESIDUAL_BOX, DensityStats, measure_noise
 from drgs_core.model.gaussians import GaussianModel
+from drgs_core.model.strategy import DensityConfig, DensityStrategy
 from drgs_core.train import TrainConfig, make_optimizer
 
 
@@ -19,53 +22,119 @@ def _model(scales, means, rho):
     return m
 
 
-def test_clone_split_and_prune_counts():
-    # 0: small + high gradient -> clone; 1: large + high gradient -> split; 2: low gradient -> kept;
-    # 3: outside the box -> pruned; 4: accumulated attenuation below 1e-6 -> pruned.
-    means = [[0, 0, 0], [5, 5, 5], [-5, 0, 3], [40, 0, 0], [2, -3, 1]]
-    m = _model([0.5, 5.0, 0.5, 0.5, 0.5], means, [0.1, 0.1, 0.1, 0.1, 0.0])
-    opt = make_optimizer(m, TrainConfig(iterations=100))
-    # Give Adam some state to check that it follows the edit.
-    m.means.sum().backward()
-    opt.step()
-    stats = DensityStats.zeros(5, "cpu")
-    W = H = 64
-    g = torch.zeros(5, 2)
-    g[0, 0] = g[1, 1] = 1e-4  # pixels -> x32 in NDC = 3.2e-3 > 1e-4
-    g[2, 0] = 1e-7            # 3.2e-6 < 1e-4
+def _feed(strategy, m, grads, resid, visible=None, times=3, W=64, H=64):
+    """Accumulate `times` views in which Gaussian i has pixel gradient grads[i] (u) and the residual at its
+    (distinct) projected centre is resid[i]."""
+    n = m.n
+    vis = torch.ones(n, dtype=torch.bool) if visible is None else torch.as_tensor(visible)
+    g = torch.zeros(n, 2)
+    g[:, 0] = torch.as_tensor(grads, dtype=torch.float32)
+    img = torch.zeros(H, W)
+    centres = torch.zeros(n, 2)
+    for i in range(n):  # each centre in its own 5x5 block so that the box filter reads exactly resid[i]
+        u, v = 4 + 8 * (i % 7), 4 + 8 * (i // 7)
+        img[v - 2:v + 3, u - 2:u + 3] = float(resid[i])
+        centres[i] = torch.tensor([u, v])
     rho = torch.relu(m.rho_raw.detach())
-    for _ in range(3):
-        stats.update(torch.ones(5, dtype=torch.bool), g, W, H, rho)
-    assert math.isclose(float(stats.mean_grad()[0]), 1e-4 * 32, rel_tol=1e-5)
-    info = densify_and_prune(m, opt, stats, grad_threshold=1e-4, clone_limit=2.5, min_rho=1e-6)
-    assert (info["cloned"], info["split"], info["pruned_box"], info["pruned_rho"]) == (1, 1, 1, 1)
-    assert m.n == 5 - 2 + 1 + 1  # two pruned, one clone added, one split into two
-    # Kept: 0 and 2 (1 was split); then the clone of 0; then the two children of 1.
-    assert torch.allclose(m.means[0], torch.tensor([0.0, 0, 0]), atol=0.01)  # one small Adam step
-    assert torch.allclose(m.means[2], m.means[0])
-    children = m.means[3:].detach()
-    assert (children - torch.tensor([5.0, 5, 5])).norm(dim=-1).max() < 5 * 5.0  # drawn from the parent
-    assert torch.allclose(m.scales[3:], torch.full((2, 3), 5.0 / 1.6), rtol=1e-3)
-    # The optimizer now holds the new tensors with state of matching size.
-    held = [p for g in opt.param_groups for p in g["params"]]
-    assert any(p is m.means for p in held)
-    assert opt.state[m.means]["exp_avg"].shape == (5, 3)
+    for _ in range(times):
+        strategy.stats.update(vis, g, W, H, rho, residual=img, centres=centres)
 
 
-def test_unseen_gaussians_are_not_pruned_for_attenuation():
-    m = _model([0.5, 0.5], [[0, 0, 0], [1, 1, 1]], [0.0, 0.0])
+def _strategy(m, **kw):
+    cfg = DensityConfig(start=0, stop=100, every=10, decay_every=0, **kw)
     opt = make_optimizer(m, TrainConfig(iterations=100))
-    stats = DensityStats.zeros(2, "cpu")
-    stats.update(torch.tensor([True, False]), torch.zeros(2, 2), 32, 32, torch.zeros(2))
-    info = densify_and_prune(m, opt, stats, grad_threshold=1e-4, clone_limit=2.5, min_rho=1e-6)
-    assert info["pruned_rho"] == 1 and m.n == 1
-    assert torch.allclose(m.means[0], torch.tensor([1.0, 1, 1]))
+    return DensityStrategy(cfg, m, noise_sigma=0.05), opt
 
 
-def test_max_gaussians_caps_growth():
-    m = _model([0.5] * 4, [[0, 0, 0], [1, 0, 0], [2, 0, 0], [3, 0, 0]], [0.1] * 4)
+def test_residual_read_at_centres_through_the_box_filter():
+    st = DensityStats.zeros(2, "cpu")
+    img = torch.zeros(32, 32)
+    img[10, 10] = 25.0          # one bright pixel: the 5x5 box mean around it is 1
+    centres = torch.tensor([[10.2, 9.8], [25.0, 25.0]])
+    st.update(torch.ones(2, dtype=torch.bool), torch.zeros(2, 2), 32, 32, torch.zeros(2), residual=img,
+              centres=centres)
+    assert RESIDUAL_BOX == 5
+    assert torch.allclose(st.mean_residual(), torch.tensor([1.0, 0.0]))
+
+
+def test_grow_only_where_the_residual_says_structure_is_missing():
+    # 0: small, high gradient, positive residual -> clone; 1: large, same -> split;
+    # 2: high gradient but the residual is noise-level -> gated out; 3: low gradient -> kept.
+    means = [[0, 0, 0], [5, 5, 5], [-5, 0, 3], [2, -3, 1]]
+    m = _model([0.5, 5.0, 0.5, 0.5], means, [0.1] * 4)
+    s, opt = _strategy(m, max_growth=1.0)
+    m.means.sum().backward()
+    opt.step()  # Adam state that must follow the edit
+    _feed(s, m, grads=[1e-4, 1e-4, 1e-4, 1e-8], resid=[0.2, 0.2, 0.001, 0.2])
+    assert math.isclose(float(s.stats.mean_grad()[0]), 1e-4 * 32, rel_tol=1e-5)
+    info = s.densify_and_prune(m, opt, clone_limit=2.5)
+    assert (info["cloned"], info["split"], info["grow_gated_out"]) == (1, 1, 1)
+    assert m.n == 4 - 1 + 1 + 2
+    children = m.means[4:].detach()
+    assert (children - torch.tensor([5.0, 5, 5])).norm(dim=-1).max() < 5 * 5.0
+    assert torch.allclose(m.scales[4:], torch.full((2, 3), 5.0 / 1.6), rtol=1e-3)
+    assert opt.state[m.means]["exp_avg"].shape == (6, 3)
+
+
+def test_pruning_reasons():
+    # 0: kept; 1: outside the box; 2: negligible contribution; 3: rejected by most views (too bright there);
+    # 4: oversized (7 mm > 6 voxels of 1 mm); 5: never seen -> kept.
+    means = [[0, 0, 0], [40, 0, 0], [3, 0, 0], [0, 3, 0], [0, 0, 3], [-3, 0, 0]]
+    m = _model([0.5, 0.5, 0.5, 0.5, 7.0, 0.5], means, [0.1, 0.1, 1e-6, 0.1, 0.1, 0.0])
+    s, opt = _strategy(m)
+    _feed(s, m, grads=[0.0] * 6, resid=[0.0, 0.0, 0.0, -0.3, 0.0, 0.0],
+          visible=[True, True, True, True, True, False])
+    info = s.densify_and_prune(m, opt, clone_limit=2.5)
+    assert (info["pruned_box"], info["pruned_rho"], info["pruned_rejected"], info["pruned_oversized"]) == (1, 1, 1, 1)
+    assert m.n == 2
+    assert torch.allclose(m.means.detach(), torch.tensor([[0.0, 0, 0], [-3.0, 0, 0]]))
+
+
+def test_budget_is_never_exceeded():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-10, 10, (20, 3)).tolist()
+    m = _model([0.5] * 20, pts, [0.1] * 20)
+    cfg = DensityConfig(start=0, stop=1000, every=1, decay_every=0, max_growth=1.0, max_gaussians=10_000)
     opt = make_optimizer(m, TrainConfig(iterations=100))
-    stats = DensityStats.zeros(4, "cpu")
-    stats.update(torch.ones(4, dtype=torch.bool), torch.tensor([[1e-3, 0]] * 4), 32, 32, torch.full((4,), 0.1))
-    densify_and_prune(m, opt, stats, grad_threshold=1e-4, clone_limit=2.5, min_rho=1e-6, max_gaussians=6)
-    assert m.n == 6
+    s = DensityStrategy(cfg, m, noise_sigma=0.0, vessel_voxels=33)
+    assert s.budget == 33
+    for it in range(1, 6):
+        _feed(s, m, grads=[1e-3] * m.n, resid=[0.5] * m.n, W=128, H=128)
+        rec = s.step(m, opt, it)
+        assert rec is not None and m.n <= 33
+    assert m.n == 33
+    assert s.log[-1]["grow_capped"] > 0
+
+
+def test_decay_shrinks_static_attenuation_and_restarts_statistics():
+    m = _model([0.5], [[0, 0, 0]], [0.4])
+    cfg = DensityConfig(start=0, stop=100, every=1000, decay_every=10, decay_factor=0.5)
+    s = DensityStrategy(cfg, m)
+    opt = make_optimizer(m, TrainConfig(iterations=100))
+    _feed(s, m, grads=[0.0], resid=[0.0])
+    assert s.step(m, opt, 9) is None
+    old_stats = s.stats
+    assert s.step(m, opt, 10)["decayed"]
+    assert math.isclose(float(m.rho_raw.detach()[0]), 0.2, rel_tol=1e-6)
+    assert s.stats is not old_stats and float(s.stats.visible_count.sum()) == 0
+
+
+def test_state_dict_round_trip():
+    m = _model([0.5, 0.5], [[0, 0, 0], [1, 1, 1]], [0.1, 0.1])
+    s, _ = _strategy(m)
+    _feed(s, m, grads=[1e-4, 0], resid=[0.1, -0.1])
+    s.log.append({"n": 2})
+    t, _ = _strategy(m)
+    t.load_state_dict(s.state_dict())
+    for name in DensityStats.names:
+        assert torch.equal(getattr(t.stats, name), getattr(s.stats, name))
+    assert t.log == s.log and t.budget == s.budget and t.noise_sigma == s.noise_sigma
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.1])
+def test_noise_measurement(sigma):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.zeros(4, 64, 64)
+    imgs[:, 20:30, :] = 5.0  # a bright band (structure) must not inflate the estimate
+    imgs += sigma * torch.randn(imgs.shape, generator=g)
+    assert measure_noise(imgs) == pytest.approx(sigma, rel=0.1)

@@ -37,7 +37,7 @@ def test_paper_presets_sizes():
     paper = preset("paper")
     assert paper.n_frames == 133 and paper.detector_shape == (512, 512) and paper.volume_resolution == (256,) * 3
     assert preset("paper1024").detector_shape == (1024, 1024)
-    assert set(PRESETS) == {"demo", "paper", "paper1024"}
+    assert set(PRESETS) == {"demo", "paper", "paper1024", "hard", "hard-demo"}
     assert paper.angle_stop_deg - paper.angle_start_deg == pytest.approx(200)
     assert (paper.sad, paper.sid) == (750.0, 1200.0)
 

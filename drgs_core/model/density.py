@@ -1,38 +1,48 @@
-"""Adaptive density control (METHOD §6): clone, split, box pruning and accumulated-attenuation pruning.
-
-Statistics are gathered every iteration for the Gaussians visible in that view:
-- the norm of the loss gradient w.r.t. the projected centre in normalised device coordinates
-  (pixel gradient x (W/2, H/2)), averaged over the iterations a Gaussian was visible;
-- its attenuation rho_i(t), averaged likewise (A_i), since the last densification.
+"""Density-control building blocks (docs/METHOD.md §6, §10): the per-Gaussian statistics gathered inside the
+training step, the noise measurement that scales their thresholds, and the parameter/optimizer edit that
+clone, split and prune share.  The policy that uses them is `strategy.DensityStrategy`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .gaussians import PARAM_NAMES, GaussianModel
-from ..render.common import quaternion_to_rotation
+
+#: width (pixels) of the box filter applied to the residual before it is read at projected centres.
+RESIDUAL_BOX = 5
 
 
-@dataclass
 class DensityStats:
-    grad_sum: torch.Tensor
-    rho_sum: torch.Tensor
-    visible_count: torch.Tensor
+    """Per-Gaussian sums since the last round (device tensors; updated in place inside the training step).
+
+    grad_sum: norm of dLoss/d(projected centre) in NDC; rho_sum: rho_i(t) (1/mm); visible_count: iterations
+    it was visible; resid_sum: smoothed residual at its centre (image units); reject_count: views whose
+    residual there was below -`reject_level` (the view wants less attenuation there)."""
+
+    names = ("grad_sum", "rho_sum", "visible_count", "resid_sum", "reject_count")
+
+    def __init__(self, n: int, device, reject_level: float = 0.0):
+        for name in self.names:
+            setattr(self, name, torch.zeros(n, device=device))
+        self.reject_level = float(reject_level)
 
     @classmethod
-    def zeros(cls, n: int, device) -> "DensityStats":
-        z = torch.zeros(n, device=device)
-        return cls(z.clone(), z.clone(), z.clone())
+    def zeros(cls, n: int, device, reject_level: float = 0.0) -> "DensityStats":
+        return cls(n, device, reject_level)
 
     @torch.no_grad()
     def update(self, visible: torch.Tensor, means2d_grad: torch.Tensor, width: int, height: int,
-               rho: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """visible [P] bool; means2d_grad [P,2] dLoss/d(centre) in pixels; rho [P] 1/mm; weight: optional
-        0-d tensor (0 or 1) that masks the whole update on the device (a skipped iteration)."""
+               rho: torch.Tensor, weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               centres: torch.Tensor | None = None) -> None:
+        """visible [P] bool; means2d_grad [P,2] dLoss/d(centre) in pixels; rho [P] 1/mm; weight: optional 0-d
+        device tensor (0 or 1) masking the whole update (a skipped iteration); residual [H,W] measured -
+        rendered and centres [P,2] (u, v) pixels: read the box-filtered residual at each centre.
+        No host synchronisation (runs inside a CUDA graph)."""
         g = torch.hypot(means2d_grad[:, 0] * (width / 2.0), means2d_grad[:, 1] * (height / 2.0))
         v = visible.float()
         if weight is not None:
@@ -40,6 +50,15 @@ class DensityStats:
         self.grad_sum += g * v
         self.rho_sum += rho.detach() * v
         self.visible_count += v
+        if residual is not None and centres is not None:
+            r = F.avg_pool2d(residual.detach()[None, None].float(), RESIDUAL_BOX, stride=1,
+                             padding=RESIDUAL_BOX // 2, count_include_pad=False)[0, 0]
+            H, W = r.shape
+            u = centres[:, 0].round().long().clamp(0, W - 1)
+            vv = centres[:, 1].round().long().clamp(0, H - 1)
+            at = r[vv, u]
+            self.resid_sum += at * v
+            self.reject_count += (at < -self.reject_level).float() * v
 
     def mean_grad(self) -> torch.Tensor:
         return self.grad_sum / self.visible_count.clamp_min(1)
@@ -47,12 +66,35 @@ class DensityStats:
     def mean_rho(self) -> torch.Tensor:
         return self.rho_sum / self.visible_count.clamp_min(1)
 
+    def mean_residual(self) -> torch.Tensor:
+        return self.resid_sum / self.visible_count.clamp_min(1)
+
     def state_dict(self) -> dict:
-        return {"grad_sum": self.grad_sum, "rho_sum": self.rho_sum, "visible_count": self.visible_count}
+        return {name: getattr(self, name) for name in self.names} | {"reject_level": self.reject_level}
+
+    def load_state_dict(self, d: dict) -> None:
+        for name in self.names:
+            if name in d:  # checkpoints of older versions lack the residual sums
+                setattr(self, name, d[name])
+            else:
+                setattr(self, name, torch.zeros_like(d["visible_count"]))
+        self.reject_level = float(d.get("reject_level", self.reject_level))
 
 
-def _edit_optimizer(optimizer: torch.optim.Optimizer, model: GaussianModel, new_values: dict,
-                    keep: torch.Tensor, n_added: int) -> None:
+def measure_noise(images: torch.Tensor) -> float:
+    """Robust noise standard deviation of images [n, H, W]: MAD of horizontal neighbour differences / sqrt(2).
+
+    Vessels and edges are a minority of the differences, so the median absolute difference measures the
+    pixel noise (same units as the images)."""
+    d = (images[..., 1:] - images[..., :-1]).reshape(-1).float()
+    if d.numel() > 2**22:
+        d = d[torch.linspace(0, d.numel() - 1, 2**22, device=d.device).long()]
+    mad = float(d.abs().median())
+    return mad / 0.6745 / math.sqrt(2.0)
+
+
+def replace_parameters(optimizer: torch.optim.Optimizer, model: GaussianModel, new_values: dict,
+                       keep: torch.Tensor, n_added: int) -> None:
     """Replace each per-Gaussian parameter by new_values[name] = cat(old[keep], added) and edit Adam state alike."""
     for name in PARAM_NAMES:
         old = getattr(model, name)
@@ -69,60 +111,3 @@ def _edit_optimizer(optimizer: torch.optim.Optimizer, model: GaussianModel, new_
                             state[key] = torch.cat([s, pad])
                         optimizer.state[new] = state
         setattr(model, name, new)
-
-
-@torch.no_grad()
-def densify_and_prune(model: GaussianModel, optimizer: torch.optim.Optimizer, stats: DensityStats, *,
-                      grad_threshold: float, clone_limit: float, min_rho: float, max_gaussians: int | None = None,
-                      generator: torch.Generator | None = None) -> dict:
-    """One density-control step; returns counts {cloned, split, pruned_box, pruned_rho, n}.
-
-    clone_limit: the p*d of METHOD §6 in mm (clone if max scale <= clone_limit, else split in two).
-    min_rho: prune Gaussians whose accumulated mean attenuation A_i < min_rho (only those seen at least once).
-    """
-    n0 = model.n
-    dev = model.means.device
-    grads = stats.mean_grad()
-    # Prune decisions are taken on the Gaussians as they were before this step.
-    in_box = model.grid.contains(model.means)
-    seen = stats.visible_count > 0
-    low_rho = seen & (stats.mean_rho() < min_rho)
-    doomed = ~in_box | low_rho
-    selected = (grads >= grad_threshold) & seen & ~doomed
-    if max_gaussians is not None and n0 + int(selected.sum()) > max_gaussians:
-        budget = max(0, max_gaussians - n0)
-        order = torch.argsort(grads, descending=True)
-        capped = torch.zeros_like(selected)
-        capped[order[:budget]] = True
-        selected &= capped
-    max_scale = model.scales.max(dim=-1).values
-    clone = selected & (max_scale <= clone_limit)
-    split = selected & (max_scale > clone_limit)
-
-    prune = doomed | split  # a split Gaussian is replaced by its two children
-
-    params = {name: getattr(model, name).detach() for name in PARAM_NAMES}
-    # Clones: exact copies; the next gradient steps move them apart.
-    added = {name: [params[name][clone]] for name in PARAM_NAMES}
-    # Splits: two children with centres drawn from the parent Gaussian and scales / 1.6.
-    if split.any():
-        idx = torch.nonzero(split).squeeze(1).repeat(2)
-        s = model.scales[idx]
-        R = quaternion_to_rotation(params["rotations"][idx])
-        z = torch.randn(idx.shape[0], 3, device=dev, generator=generator)
-        added["means"].append(params["means"][idx] + torch.einsum("pij,pj->pi", R, z * s))
-        added["scales_raw"].append(model.scales_to_raw(s / 1.6))
-        added["rotations"].append(params["rotations"][idx])
-        added["rho_raw"].append(params["rho_raw"][idx])
-    keep = ~prune
-    new_values = {name: torch.cat([params[name][keep]] + added[name]) for name in PARAM_NAMES}
-    n_added = new_values["means"].shape[0] - int(keep.sum())
-    _edit_optimizer(optimizer, model, new_values, keep, n_added)
-    return {
-        "cloned": int(clone.sum()),
-        "split": int(split.sum()),
-        "pruned_box": int((~in_box).sum()),
-        "pruned_rho": int((low_rho & in_box).sum()),
-        "n": model.n,
-        "n_before": n0,
-    }
