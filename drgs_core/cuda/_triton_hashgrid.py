@@ -66,7 +66,7 @@ def _hash_kernel(x_ptr, table_ptr, res_ptr, off_ptr, hashed_ptr, out_ptr, gout_p
     gx1 = zero
     gx2 = zero
     gx3 = zero
-    for l in tl.static_range(L):
+    for l in range(L):  # a loop, not unrolled: keeps compile time short (corners are unrolled)
         N = tl.load(res_ptr + l)
         Nf = N.to(tl.float32)
         side = (N + 1).to(tl.int64)
