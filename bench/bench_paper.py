@@ -150,7 +150,7 @@ def main():
         torch.cuda.empty_cache()
         t_ph = time.perf_counter() - t0
         print(f"phantom {args.preset} generated in {t_ph:.1f} s -> {case_dir}", flush=True)
-    run_dir = out / f"{args.preset}_v{args.views}_{args.schedule}"
+    run_dir = out / f"{args.preset}_v{args.views}_{args.schedule}_{report['name']}"
     torch.cuda.reset_peak_memory_stats()
     cfg = ReconstructConfig(out=str(run_dir), case=str(case_dir), views=args.views, schedule=args.schedule,
                             iterations=args.iterations, device="cuda", seed=args.seed,

@@ -63,7 +63,7 @@ assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FA
       ;;
     nokit)
       PYBIN=$(command -v $PY)
-      KIT="env -i PATH=/usr/bin:/bin HOME=/tmp/nokit_home DRGS4D_BUILD_CUDA=0 DRGS4D_DISABLE_CUDA=1 PYTHONUNBUFFERED=1"
+      KIT="env -i PATH=/usr/bin:/bin HOME=/tmp/nokit_home DRGS4D_BUILD_CUDA=0 DRGS4D_DISABLE_CUDA=1 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore"
       mkdir -p /tmp/nokit_home
       {
         $KIT $PYBIN -m pip install -q --no-index --no-deps --no-compile .whl/*.whl 2>&1 | tail -3
