@@ -10,6 +10,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DRGS4D_CACHE=${DRGS4D_CACHE:-/tmp/drgs4d_cache} MAX_JOBS=${MAX_JOBS:-16}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 PY=${PY:-python3}
+if [ -f .wheels/sitk.tar.xz ]; then  # SimpleITK re-packed smaller, when .whl does not fit the carry limit
+  mkdir -p /tmp/site && tar -xJf .wheels/sitk.tar.xz -C /tmp/site
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || echo "wheel install failed"
@@ -63,25 +66,28 @@ assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FA
       ;;
     nokit)
       PYBIN=$(command -v $PY)
-      KIT="env -i PATH=/usr/bin:/bin HOME=/tmp/nokit_home DRGS4D_BUILD_CUDA=0 DRGS4D_DISABLE_CUDA=1 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore"
+      # only the I/O wheels' folder is kept on PYTHONPATH (SimpleITK, nibabel, pynrrd, pydicom)
+      KIT="env -i PATH=/usr/bin:/bin HOME=/tmp/nokit_home PYTHONPATH=/tmp/site DRGS4D_BUILD_CUDA=0 DRGS4D_DISABLE_CUDA=1 PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore"
       mkdir -p /tmp/nokit_home
       {
-        $KIT $PYBIN -m pip install -q --no-index --no-deps --no-compile .whl/*.whl 2>&1 | tail -3
-        $KIT $PYBIN -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-        $KIT $PYBIN -c "
+        # a plain `pip install -e .` (build isolation: torch invisible to setup.py, so nothing is compiled); its
+        # build back end comes from .wheels (no network on the device)
+        $KIT $PYBIN -m pip install --no-deps --no-index --find-links .wheels -e . > "$OUT/nokit_pip.log" 2>&1 \
+          && echo "pip install -e . OK" || { echo "pip install -e . FAILED"; tail -25 "$OUT/nokit_pip.log"; }
+        REPO=$PWD
+        ( cd /tmp && $KIT $PYBIN -c "
 import os, shutil, torch, triton
-from torch.utils import cpp_extension
 import drgs_core, drgs_core.cuda as c
 print('drgs_core from', drgs_core.__file__, '| nvcc on PATH:', shutil.which('nvcc'), '| CUDA_HOME env:',
       os.environ.get('CUDA_HOME'), '| torch', torch.__version__, 'triton', triton.__version__)
 print('backend_report:', c.backend_report('cuda'))
-assert c.active_backend('cuda') == 'triton'"
-        ( cd /tmp && $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $OLDPWD/Testing/gpu \
-            $OLDPWD/Testing/render/test_render_backends.py -q -x -p no:cacheprovider -m "not slow" -o addopts="" \
-            --rootdir=$OLDPWD --durations=5 2>&1 | tail -25 )
+assert c.active_backend('cuda') == 'triton'" )
+        ( cd /tmp && $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $REPO/Testing/gpu \
+            $REPO/Testing/render/test_render_backends.py -q -p no:cacheprovider -m "not slow" -o addopts="" \
+            --rootdir=$REPO --durations=5 ${NOKIT_K:+-k "$NOKIT_K"} 2>&1 | tail -25 )
         if [ "${NOKIT_BENCH:-1}" = 1 ]; then
-          $KIT $PYBIN bench/bench_paper.py --backend triton --reuse-phantom --out /tmp/bench_out \
-            --results "$OUT/RESULTS_rows.md" 2>&1 | tail -12
+          ( cd /tmp && $KIT $PYBIN $REPO/bench/bench_paper.py --backend triton --reuse-phantom --out /tmp/bench_out \
+            --results "$OUT/RESULTS_rows.md" 2>&1 | tail -12 )
         fi
       } 2>&1 | tee "$OUT/nokit.log" | tail -60
       ;;

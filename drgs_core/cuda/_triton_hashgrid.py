@@ -10,6 +10,8 @@ as in csrc/hashgrid.cu); the x gradient N sum_b (g . table[row_b]) dw_b/df_d, ze
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +19,9 @@ import triton.language as tl
 from ._wrapper import hash_meta
 
 BLOCK = 128
+# No fused multiply-add: f = x N - c must round x N first, exactly as the reference (and csrc/hashgrid.cu's
+# __fmul_rn / __fsub_rn) do, or cells near a vertex get a different f.  The interpreter takes no such option.
+_NO_FMA = {} if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -170,7 +175,7 @@ def _launch(x, table, meta, out=None, gout=None, gtable=None, gx=None):
         x, table, res, off, hashed, dummy if out is None else out, dummy if gout is None else gout,
         dummy if gtable is None else gtable, dummy if gx is None else gx, P, table_size - 1,
         D=D, F=F, L=L, BACKWARD=gout is not None, NEED_TABLE=gtable is not None, NEED_X=gx is not None,
-        BLOCK=BLOCK, num_warps=4)
+        BLOCK=BLOCK, num_warps=4, **_NO_FMA)
 
 
 class _HashEncode(torch.autograd.Function):

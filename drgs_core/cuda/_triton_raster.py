@@ -197,8 +197,10 @@ def project(means, scales, rotations, rho, params, W: int, H: int, means2d=None)
         by0 = (vd - hy).ceil().clamp(min=0.0, max=H)
         by1 = (vd + hy).floor().clamp(min=-1.0, max=H - 1)
         visible = valid & (bx0 <= bx1) & (by0 <= by1)
-        box = torch.stack([bx0, by0, bx1, by1], 1)
-        box = torch.where(visible[:, None], box, box.new_tensor([0.0, 0.0, -1.0, -1.0])).to(torch.int32)
+        # invisible: the empty box (0, 0, -1, -1); scalars only (a tensor built from a Python list would be a
+        # host-to-device copy, which CUDA-graph capture forbids)
+        box = torch.stack([torch.where(visible, bx0, 0.0), torch.where(visible, by0, 0.0),
+                           torch.where(visible, bx1, -1.0), torch.where(visible, by1, -1.0)], 1).to(torch.int32)
         radius = torch.maximum(hx, hy).ceil().clamp(max=_RADIUS_MAX)
         radii = torch.where(visible, radius, torch.zeros_like(radius)).to(torch.int32)
         centres = torch.where(front[:, None], torch.stack([ud, vd], 1), torch.zeros(1, 2, dtype=f64,
