@@ -36,10 +36,10 @@ __all__ = ["BACKENDS", "active_backend", "backend_module", "backend_report", "fo
 #: Backend names, fastest first.
 BACKENDS = ("cuda-ext", "triton", "torch")
 _MODULES = {"cuda-ext": "._wrapper", "triton": "._triton"}
-#: Rough training speed relative to the "cuda-ext" backend at paper size on one H200 (bench/RESULTS.md).
-_SPEED_CLASS = {"cuda-ext": "fast (reference speed, ~30 s paper-size case)",
-                "triton": "fast (about 0.6-0.9x the compiled extension)",
-                "torch": "slow (GPU: ~50x slower than the compiled kernels; CPU: demo sizes only)"}
+#: Expected speed class (measured figures: bench/RESULTS.md, README "Performance").
+_SPEED_CLASS = {"cuda-ext": "fast: ~700 it/s, ~33 s end to end on a paper-size case (H200)",
+                "triton": "GPU without a CUDA toolkit: slower than cuda-ext (first use compiles kernels)",
+                "torch": "slow: GPU rasteriser 55-80x slower than cuda-ext; CPU for demo sizes only"}
 
 
 def forced_backend() -> str | None:
