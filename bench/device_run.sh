@@ -82,6 +82,9 @@ print('drgs_core from', drgs_core.__file__, '| nvcc on PATH:', shutil.which('nvc
       os.environ.get('CUDA_HOME'), '| torch', torch.__version__, 'triton', triton.__version__)
 print('backend_report:', c.backend_report('cuda'))
 assert c.active_backend('cuda') == 'triton'" )
+        if [ "${NOKIT_STEP:-0}" = 1 ]; then  # quick graph-step rate on a synthetic scene
+          ( cd /tmp && $KIT $PYBIN $REPO/bench/bench_step.py --backends triton 2>&1 | tail -5 )
+        fi
         ( cd /tmp && $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $REPO/Testing/gpu \
             $REPO/Testing/render/test_render_backends.py -q -p no:cacheprovider -m "not slow" -o addopts="" \
             --rootdir=$REPO --durations=5 ${NOKIT_K:+-k "$NOKIT_K"} 2>&1 | tail -25 )
