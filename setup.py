@@ -63,7 +63,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"],
+    # triton in "test": the Triton kernels also run on the CPU in CI, through its interpreter (>= 3.2 so that
+    # a CUDA build of torch keeps the triton it ships with)
+    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'"],
                     # toolkit-free GPU kernels (Linux CUDA wheels of torch already bring triton)
                     "triton": ["triton>=3.0; platform_system == 'Linux'",
                                "triton-windows>=3.0; platform_system == 'Windows'"]},

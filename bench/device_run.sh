@@ -71,8 +71,10 @@ assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FA
       mkdir -p /tmp/nokit_home
       {
         # a plain `pip install -e .` (build isolation: torch invisible to setup.py, so nothing is compiled); its
-        # build back end comes from .wheels (no network on the device)
-        $KIT $PYBIN -m pip install --no-deps --no-index --find-links .wheels -e . > "$OUT/nokit_pip.log" 2>&1 \
+        # build back end comes from .wheels: setuptools, wheel, packaging (no network on the device)
+        # (PIP_* in the environment: setuptools' legacy `develop` runs an inner pip that must not go online either)
+        $KIT PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.wheels $PYBIN -m pip install --no-deps --use-pep517 -e . \
+          > "$OUT/nokit_pip.log" 2>&1 \
           && echo "pip install -e . OK" || { echo "pip install -e . FAILED"; tail -25 "$OUT/nokit_pip.log"; }
         REPO=$PWD
         ( cd /tmp && $KIT $PYBIN -c "
