@@ -2,12 +2,16 @@
 
 import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
+# The one set of compiler flags, shared with the JIT build (drgs_core/cuda/_backend.py).
+_FLAGS = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "drgs_core", "cuda", "_flags.py"))
+
 
 def _cuda_extension_kwargs() -> dict:
-    """Optional CUDA extension drgs_core._C from csrc/ (see drgs_core/_ext.py for the JIT fallback).
+    """Optional CUDA extension drgs_core._C from csrc/ (see drgs_core/cuda/_backend.py for the JIT fallback).
 
     Built when PyTorch is importable at build time, is a CUDA build and a CUDA toolkit (nvcc) is found.
     DRGS4D_BUILD_CUDA=1 forces the build (an error if it cannot be done), =0 skips it.  A plain CPU-only
@@ -37,7 +41,7 @@ def _cuda_extension_kwargs() -> dict:
         name="drgs_core._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": list(_FLAGS["CXX_FLAGS"]), "nvcc": list(_FLAGS["NVCC_FLAGS"])},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
@@ -60,9 +64,14 @@ setup(
         "matplotlib>=3.7",
         "pydicom>=3.0",  # DICOM import of rotational XA (drgs_core.io.dicom)
     ],
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"],
+    # triton in "test": the Triton kernels also run on the CPU in CI, through its interpreter (>= 3.2 so that
+    # a CUDA build of torch keeps the triton it ships with)
+    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'"],
                     # decoders for compressed XA pixel data (JPEG lossless / JPEG 2000); pydicom uses them if present
-                    "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"]},
+                    "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"],
+                    # toolkit-free GPU kernels (Linux CUDA wheels of torch already bring triton)
+                    "triton": ["triton>=3.0; platform_system == 'Linux'",
+                               "triton-windows>=3.0; platform_system == 'Windows'"]},
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
     **_cuda_extension_kwargs(),
 )

@@ -43,7 +43,7 @@ def row(name, ms, n_bytes, flops, bw):
 
 
 def bench_raster(ext, P, det, bw, quick):
-    from drgs_core.render import cuda_backend
+    from drgs_core.cuda import _wrapper as cuda_backend
 
     geo = paper_geometry(det)
     cam = geo.camera(40, device="cuda")
@@ -104,7 +104,7 @@ def bench_raster_torch(P, det, quick):
 
 
 def bench_voxel(ext, P, n, bw, quick):
-    from drgs_core.render import cuda_backend
+    from drgs_core.cuda import _wrapper as cuda_backend
 
     grid = VolumeGrid((n, n, n), (0.625 * 256 / n,) * 3)
     means, scales, rots, rho = paper_gaussians(P)
@@ -123,7 +123,7 @@ def bench_voxel(ext, P, n, bw, quick):
 
 
 def bench_hash(P, D, bw, quick):
-    from drgs_core.model import hashgrid_cuda
+    from drgs_core.cuda import _wrapper as hashgrid_cuda
     from drgs_core.model.hashgrid import HashGridEncoding
 
     base, growth = (8, 1.45) if D == 3 else (2, 1.4)
@@ -131,11 +131,11 @@ def bench_hash(P, D, bw, quick):
     x = torch.rand(P, D, device="cuda")
     G = torch.randn(P, 24, device="cuda")
     rep = 10 if quick else 50
-    t_f = cuda_time_ms(lambda: hashgrid_cuda.encode_module(enc, x), repeat=rep)["median"]
+    t_f = cuda_time_ms(lambda: hashgrid_cuda.hashgrid_encode(enc, x), repeat=rep)["median"]
 
     def fb():
         enc.table.grad = None
-        hashgrid_cuda.encode_module(enc, x).backward(G)
+        hashgrid_cuda.hashgrid_encode(enc, x).backward(G)
 
     t_fb = cuda_time_ms(fb, repeat=rep)["median"]
 
@@ -216,7 +216,7 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA device")
-    from drgs_core._ext import extension_info, load_extension
+    from drgs_core.cuda._backend import extension_info, load_extension
 
     ext = load_extension()
     if ext is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -39,7 +40,8 @@ python -m pytest Testing/gpu -q          # CUDA kernels vs the PyTorch reference
 ```
 
 Without a prebuilt extension the kernels are compiled on first use into `~/.cache/drgs4d` (about a minute;
-`$DRGS4D_CACHE` moves it).  `drgs_core.render.active_backend("cuda")` says whether the CUDA kernels are in use.
+`$DRGS4D_CACHE` moves it).  `drgs_core.cuda.backend_report()` says which backend runs (cuda-ext, triton, torch);
+`--backend triton` benchmarks the toolkit-free path.
 End-to-end time = case loading + FDK + initialisation + training + voxelisation + mesh + writing all outputs
 (the phantom's generation is not included).  Published 4DRGS on an RTX 3090 (paper): 10k iterations in
 4 min 31 s, 30k in 12 min 38 s.
@@ -116,7 +118,9 @@ def main():
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     ap.add_argument("--phantom-device", default="cuda", help="device used to simulate the phantom")
-    ap.add_argument("--allow-torch", action="store_true", help="run even if the CUDA kernels are not in use")
+    ap.add_argument("--allow-torch", action="store_true", help="run even if no GPU backend is in use")
+    ap.add_argument("--backend", default="auto", choices=["auto", "cuda-ext", "triton", "torch"],
+                    help="force a kernel backend (sets DRGS4D_BACKEND; auto: cuda-ext > triton > torch)")
     ap.add_argument("--reuse-phantom", action="store_true", help="reuse an existing phantom folder in --out")
     ap.add_argument("--no-cuda-graph", action="store_true", help="launch the training kernels eagerly (A/B)")
     ap.add_argument("--detector-binning", default="auto", help="'auto' (default) or a factor (1 = every pixel)")
@@ -127,13 +131,13 @@ def main():
     from drgs_core.phantom.presets import PhantomConfig
     from drgs_core.pipeline import ReconstructConfig, run_reconstruction
 
-    import drgs_core.render as render
-    from drgs_core._ext import extension_info
+    from drgs_core import cuda
 
-    print("extension:", extension_info(), "render backend:", render.active_backend("cuda"),
-          flush=True)
-    if render.active_backend("cuda") != "cuda" and not args.allow_torch:
-        raise SystemExit("the CUDA render backend is not active (pass --allow-torch to benchmark the reference)")
+    os.environ["DRGS4D_BACKEND"] = args.backend
+    report = cuda.backend_report("cuda")
+    print("backend:", report, flush=True)
+    if report["name"] == "torch" and not args.allow_torch:
+        raise SystemExit("no GPU backend is active (pass --allow-torch to benchmark the reference)")
     out = Path(args.out)
     case_dir = out / f"{args.preset}_case"
     t_ph = None
@@ -146,7 +150,7 @@ def main():
         torch.cuda.empty_cache()
         t_ph = time.perf_counter() - t0
         print(f"phantom {args.preset} generated in {t_ph:.1f} s -> {case_dir}", flush=True)
-    run_dir = out / f"{args.preset}_v{args.views}_{args.schedule}"
+    run_dir = out / f"{args.preset}_v{args.views}_{args.schedule}_{report['name']}"
     torch.cuda.reset_peak_memory_stats()
     cfg = ReconstructConfig(out=str(run_dir), case=str(case_dir), views=args.views, schedule=args.schedule,
                             iterations=args.iterations, device="cuda", seed=args.seed,
@@ -194,8 +198,9 @@ def main():
         res = Path(args.results)
         if not res.exists():
             res.write_text(RESULTS_HEADER)
-        step_txt = (f"graph ({m.get('graph_captures')} captures, {m.get('skipped_iterations')} skipped)"
-                    if m.get("cuda_graph") else "eager")
+        step_txt = m.get("backend", "?") + ", " + (
+            f"graph ({m.get('graph_captures')} captures, {m.get('skipped_iterations')} skipped)"
+            if m.get("cuda_graph") else "eager")
         line = "| " + " | ".join([
             info["date"], str(info.get("card")), str(info.get("driver")),
             args.preset + (f" (binned {m['detector_binning']}x)" if m.get("detector_binning", 1) > 1 else ""),

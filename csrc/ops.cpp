@@ -1,9 +1,9 @@
 // Torch-facing operations and Python bindings of drgs_core._C.
 //
-// Built by setup.py (CUDAExtension "drgs_core._C") or JIT-compiled by drgs_core/_ext.py.  The kernels live in
+// Built by setup.py (CUDAExtension "drgs_core._C") or JIT-compiled by drgs_core/cuda/_backend.py.  The kernels live in
 // the .cu files behind kernels.h; this file checks arguments, allocates outputs (optionally poisoned with
 // NaN / sentinel values so that tests can see unwritten elements) and sequences the launches on the current
-// stream.  Python-side autograd wrappers: drgs_core/render/cuda_backend.py, drgs_core/model/hashgrid_cuda.py.
+// stream.  Python-side autograd wrappers: drgs_core/cuda/_wrapper.py.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -308,7 +308,7 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor grad_out, torch::Tens
 
 }  // namespace drgs
 
-// Bumped whenever an op's signature or semantics change (checked by drgs_core/_ext.py).
+// Bumped whenever an op's signature or semantics change (checked by drgs_core/cuda/_backend.py).
 static const int kAbiVersion = 2;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

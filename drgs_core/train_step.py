@@ -13,7 +13,9 @@ largest count seen so far with a 2x margin.  An iteration whose view needed more
 on the device (Adam's `found_inf`, and the density statistics are masked) and the next check re-captures
 with more room; `skipped` counts them.
 
-Anywhere else (CPU, the torch reference renderer, `cuda_graph=False`) the same iteration runs eagerly.
+Anywhere else (CPU, the torch reference renderer, `cuda_graph=False`) the same iteration runs eagerly.  The
+Triton rasteriser keeps no pair list (n_pairs is None), so with it nothing is ever skipped or re-captured
+for lack of room.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class StepRunner:
         self.gt = torch.zeros(H, W, dtype=dsa.dtype, device=dev)
         self.t = torch.zeros((), dtype=torch.float32, device=dev)
         self.ssim_weight = float(ssim_weight)
-        self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) == "cuda")
+        self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) in ("cuda-ext", "triton"))
         self.capacity: int | None = None
         self.capacity_margin = 2.0      # pair-list capacity >= margin x the largest pair count seen + slack
         self.capacity_slack = 4096

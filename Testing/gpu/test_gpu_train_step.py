@@ -34,7 +34,7 @@ def _params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_graph_replay_matches_eager_steps(ext):
+def test_graph_replay_matches_eager_steps(use_backend):
     from drgs_core.model.density import DensityStats
     from drgs_core.train_step import StepRunner
 
@@ -124,7 +124,7 @@ def test_overflowing_view_is_skipped_then_capacity_grows(ext):
     assert float(stats.visible_count.max()) == 3.0
 
 
-def test_graph_run_resumes_from_its_checkpoint(ext, tiny_case, tmp_path):
+def test_graph_run_resumes_from_its_checkpoint(use_backend, tiny_case, tmp_path):
     """Stop a CUDA-graph run mid-way, resume it from the checkpoint: it finishes on the graph, losing nothing."""
     from drgs_core.pipeline import ReconstructConfig, run_reconstruction
 
@@ -148,6 +148,7 @@ def test_graph_run_resumes_from_its_checkpoint(ext, tiny_case, tmp_path):
     m = done["metrics"]
     assert done["status"] == "done" and m["iterations"] == 200
     assert m["cuda_graph"] is True and m["graph_captures"] >= 1 and m["skipped_iterations"] == 0
+    assert m["backend"] == use_backend
     assert first["it"] > 100  # continued from the checkpoint, not from scratch
     fresh = run_reconstruction(ReconstructConfig(**{**base, "out": str(tmp_path / "fresh")}))["metrics"]
     assert m["heldout_psnr"] == pytest.approx(fresh["heldout_psnr"], abs=1.0)

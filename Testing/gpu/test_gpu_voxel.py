@@ -10,15 +10,15 @@ pytestmark = pytest.mark.gpu
 FWD_TOL = 1e-4
 
 
-def _compare(kind, P, seed, g=None):
-    from drgs_core.render import cuda_backend, torch_ref
+def _compare(ext, kind, P, seed, g=None):
+    from drgs_core.render import torch_ref
 
     dev = torch.device("cuda")
     g = g or grid()
     means, scales, rots, rho = scene(kind, P, seed, dev)
     means = means * 0.6
     with torch.no_grad():
-        vol = cuda_backend.voxelize(means, scales, rots, rho, g)
+        vol = ext.voxelize(means, scales, rots, rho, g)
         ref = torch_ref.voxelize(means.double(), scales.double(), rots.double(), rho.double(), g)
     assert vol.shape == tuple(g.resolution) and vol.dtype == torch.float32
     assert torch.isfinite(vol).all(), "NaN/inf (or unwritten voxels) in the volume"
@@ -32,42 +32,40 @@ def _compare(kind, P, seed, g=None):
 @pytest.mark.parametrize("P", [1, 50, 1500])
 def test_mixed_scenes_match_reference(ext, P):
     for seed in range(2):
-        _compare("mixed", P, 31 * P + seed)
+        _compare(ext, "mixed", P, 31 * P + seed)
 
 
 @pytest.mark.parametrize("kind", ["offscreen", "large", "small", "flat"])
 def test_edge_case_scenes_match_reference(ext, kind):
-    _compare(kind, 200, len(kind))
+    _compare(ext, kind, 200, len(kind))
 
 
 @pytest.mark.parametrize("res", [(8, 8, 8), (9, 17, 3), (1, 1, 1), (33, 20, 47)])
 def test_grid_shapes(ext, res):
     from drgs_core.geometry import VolumeGrid
 
-    _compare("mixed", 300, sum(res), VolumeGrid(res, (2.5, 2.0, 1.5)))
+    _compare(ext, "mixed", 300, sum(res), VolumeGrid(res, (2.5, 2.0, 1.5)))
 
 
 def test_degenerate_gaussians_contribute_nothing(ext):
-    from drgs_core.render import cuda_backend
 
     dev = torch.device("cuda")
     g = grid()
     means = torch.zeros(4, 3, device=dev)
     scales = torch.tensor([[0.0, 1, 1], [-1.0, 1, 1], [float("nan"), 1, 1], [1.0, 1, 1]], device=dev)
     rots = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0], [0.0, 0, 0, 0]], device=dev)
-    vol = cuda_backend.voxelize(means, scales, rots, torch.ones(4, device=dev), g)
+    vol = ext.voxelize(means, scales, rots, torch.ones(4, device=dev), g)
     assert torch.isfinite(vol).all() and float(vol.abs().max()) == 0.0
-    empty = cuda_backend.voxelize(means[:0], scales[:0], rots[:0], torch.ones(0, device=dev), g)
+    empty = ext.voxelize(means[:0], scales[:0], rots[:0], torch.ones(0, device=dev), g)
     assert torch.isfinite(empty).all() and float(empty.abs().max()) == 0.0
 
 
 def test_grad_mode_falls_back_to_differentiable_reference(ext):
-    from drgs_core.render import cuda_backend
 
     dev = torch.device("cuda")
     means, scales, rots, rho = scene("mixed", 20, 5, dev)
     rho.requires_grad_(True)
-    vol = cuda_backend.voxelize(means * 0.5, scales, rots, rho, grid())
+    vol = ext.voxelize(means * 0.5, scales, rots, rho, grid())
     vol.sum().backward()
     assert rho.grad is not None and torch.isfinite(rho.grad).all()
 
@@ -75,7 +73,6 @@ def test_grad_mode_falls_back_to_differentiable_reference(ext):
 def test_paper_size_under_half_a_second(ext):
     """256^3 with 100k Gaussians of 1-3 voxels (paper scale), timed after a warm-up."""
     from drgs_core.geometry import VolumeGrid
-    from drgs_core.render import cuda_backend
 
     dev = torch.device("cuda")
     g = VolumeGrid((256, 256, 256), (0.625,) * 3)
@@ -85,11 +82,11 @@ def test_paper_size_under_half_a_second(ext):
     scales = (0.625 * (0.5 + 2.5 * torch.rand(P, 3, generator=gen))).to(dev)
     rots = torch.randn(P, 4, generator=gen).to(dev)
     rho = torch.rand(P, generator=gen).to(dev)
-    cuda_backend.voxelize(means, scales, rots, rho, g)
+    ext.voxelize(means, scales, rots, rho, g)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    vol = cuda_backend.voxelize(means, scales, rots, rho, g)
+    vol = ext.voxelize(means, scales, rots, rho, g)
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end)

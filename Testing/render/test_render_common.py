@@ -72,15 +72,18 @@ def test_footprint_range_is_the_literal_rule():
 
 
 def test_backend_selection_and_errors(monkeypatch):
+    from drgs_core import cuda
+
     assert render.active_backend("cpu") == "torch"
     geo = make_geometry(8, 8)
     args = t64([[0.0, 0.0, 0.0]], [[5.0, 5.0, 5.0]], [[1.0, 0.0, 0.0, 0.0]], [0.1])
     cam = geo.camera(0, dtype=torch.float64)
     with pytest.raises(DRGSInputError):
         render.rasterize(*args, cam, backend="bogus")
-    if not render.cuda_available():
-        with pytest.raises(DRGSInputError):
-            render.rasterize(*args, cam, backend="cuda")
+    for name in ("cuda", "cuda-ext", "triton"):
+        if not cuda.is_available("cuda-ext" if name == "cuda" else name):
+            with pytest.raises(DRGSInputError):
+                render.rasterize(*args, cam, backend=name)
     with pytest.raises(DRGSInputError):
         render.rasterize(args[0], args[1][:, :2], args[2], args[3], cam)
 
@@ -91,11 +94,13 @@ def test_backend_selection_and_errors(monkeypatch):
         def rasterize(*a):
             FakeCuda.calls.append("rasterize")
 
-    monkeypatch.setitem(render._cuda_state, "module", FakeCuda)
-    assert render.active_backend("cuda:0") == "cuda"
+    # pretend the compiled extension loads: auto on CUDA devices picks it, CPU tensors still go to torch
+    monkeypatch.setattr(cuda, "is_available", lambda name: name in ("cuda-ext", "torch"))
+    monkeypatch.setattr(cuda, "backend_module", lambda name: FakeCuda)
+    assert render.active_backend("cuda:0") == "cuda-ext"
     assert render.active_backend("cpu") == "torch"
-    assert render._resolve("auto", torch.device("cuda", 0)) == "cuda"
-    with pytest.raises(DRGSInputError):  # CPU tensors cannot go to the CUDA backend
+    assert render._resolve("auto", torch.device("cuda", 0)) == ("cuda-ext", FakeCuda)
+    with pytest.raises(DRGSInputError):  # CPU tensors cannot go to a GPU backend
         render.rasterize(*args, cam, backend="cuda")
     out = render.rasterize(*args, cam)  # auto on CPU tensors -> torch
     assert isinstance(out, render.RasterResult) and FakeCuda.calls == []

@@ -16,11 +16,9 @@ Every point then starts at rho ~= init_rho > 0, inside the linear part of the Re
 gradients for all parameters (including the hash tables, through the small but non-zero last layer).
 `fit_to` can instead pre-train the field to given per-point values (e.g. FDK samples).
 
-Backends: "torch" (drgs_core.model.hashgrid, CPU/GPU, deterministic indexing documented there) or "tcnn"
-(tiny-cuda-nn's HashGrid encoding with the same level count / features / table size / base / growth,
-CUDA only, imported lazily).  tcnn uses its own vertex-alignment and table-layout conventions, so the two
-backends are not numerically interchangeable and a state_dict from one can't be loaded into the other.
-"auto" picks "tcnn" when it is importable and the field is built for a CUDA device, else "torch".
+Encoding: `model.hashgrid.HashGridEncoding` (deterministic indexing documented there); on CUDA tensors its
+forward runs the GPU kernels that `drgs_core.cuda` selects (compiled extension or Triton), with the same
+indexing, so state_dicts move freely between devices and backends.
 """
 
 from __future__ import annotations
@@ -37,42 +35,7 @@ H3D_BASE, H3D_GROWTH = 8, 1.45
 H4D_BASE, H4D_GROWTH = 2, 1.4
 
 
-def tcnn_available() -> bool:
-    """True if the `tinycudann` package imports and CUDA is available."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import tinycudann  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-class _TcnnEncoding(nn.Module):
-    """tiny-cuda-nn HashGrid wrapper: x [P, D] in [0,1]^D -> [P, L*F] float32 (CUDA only)."""
-
-    def __init__(self, n_dims, n_levels, n_features, log2_table_size, base_resolution, growth, seed=None):
-        super().__init__()
-        import tinycudann as tcnn
-
-        config = {"otype": "HashGrid", "n_levels": int(n_levels), "n_features_per_level": int(n_features),
-                  "log2_hashmap_size": int(log2_table_size), "base_resolution": float(base_resolution),
-                  "per_level_scale": float(growth)}
-        kwargs = {} if seed is None else {"seed": int(seed)}
-        try:
-            self.enc = tcnn.Encoding(int(n_dims), config, dtype=torch.float32, **kwargs)
-        except TypeError:  # older bindings without the dtype argument
-            self.enc = tcnn.Encoding(int(n_dims), config, **kwargs)
-        self.n_dims = int(n_dims)
-        self.n_output_dims = int(n_levels) * int(n_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x.clamp(0.0, 1.0).contiguous()).float()
-
-
-def _make_encoding(backend, n_dims, n_levels, n_features, log2_table_size, base, growth, seed):
-    if backend == "tcnn":
-        return _TcnnEncoding(n_dims, n_levels, n_features, log2_table_size, base, growth, seed)
+def _make_encoding(n_dims, n_levels, n_features, log2_table_size, base, growth, seed):
     return HashGridEncoding(n_dims, n_levels, n_features, log2_table_size, base, growth, seed=seed)
 
 
@@ -85,8 +48,8 @@ class AttenuationField(nn.Module):
         hidden: width of the two hidden layers (64).
         init_rho: initial output (1/mm) for every point, > 0 (see module docstring).
         last_layer_scale: factor applied to the default-initialised last-layer weights.
-        backend: "auto", "torch" or "tcnn".
-        device: where to build the parameters (also decides "auto").
+        backend: "auto" or "torch" (the same thing: the GPU kernels are chosen by `drgs_core.cuda`).
+        device: where to build the parameters.
         seed: optional int; seeds both hash tables (h4D uses seed + 1).  The MLP uses torch's global RNG.
     """
 
@@ -94,24 +57,18 @@ class AttenuationField(nn.Module):
                  init_rho: float = 1e-2, last_layer_scale: float = 0.01, backend: str = "auto",
                  device: torch.device | str | None = None, seed: int | None = None):
         super().__init__()
-        if backend not in ("auto", "torch", "tcnn"):
-            raise DRGSInputError("AttenuationField backend", repr(backend), '"auto", "torch" or "tcnn"')
+        if backend not in ("auto", "torch"):
+            raise DRGSInputError("AttenuationField backend", repr(backend), '"auto" or "torch"')
         if not init_rho > 0:
             raise DRGSInputError("AttenuationField init_rho", f"{init_rho}", "> 0 (1/mm)",
                                  "a non-positive start is dead under the output ReLU")
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        if backend == "auto":
-            backend = "tcnn" if dev.type == "cuda" and tcnn_available() else "torch"
-        elif backend == "tcnn" and (dev.type != "cuda" or not tcnn_available()):
-            raise DRGSInputError("AttenuationField backend", '"tcnn"',
-                                 "tinycudann importable and a CUDA device",
-                                 'use backend="torch" (or "auto")')
-        self.backend = backend
+        self.backend = "torch"
         self.n_levels, self.n_features = int(n_levels), int(n_features)
         self.log2_table_size = int(log2_table_size)
         seed4 = None if seed is None else int(seed) + 1
-        self.h3d = _make_encoding(backend, 3, n_levels, n_features, log2_table_size, H3D_BASE, H3D_GROWTH, seed)
-        self.h4d = _make_encoding(backend, 4, n_levels, n_features, log2_table_size, H4D_BASE, H4D_GROWTH, seed4)
+        self.h3d = _make_encoding(3, n_levels, n_features, log2_table_size, H3D_BASE, H3D_GROWTH, seed)
+        self.h4d = _make_encoding(4, n_levels, n_features, log2_table_size, H4D_BASE, H4D_GROWTH, seed4)
         n_in = self.h3d.n_output_dims + self.h4d.n_output_dims
         self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 1))

@@ -244,11 +244,18 @@ class HashGridEncoding(nn.Module):
         """
         if x.dim() != 2 or x.shape[1] != self.n_dims:
             raise DRGSInputError("HashGridEncoding input", f"shape {tuple(x.shape)}", f"[P, {self.n_dims}]")
-        if x.is_cuda and self.table.is_cuda and self.table.dtype == torch.float32:
-            from . import hashgrid_cuda  # the compiled kernels, when they load (same indexing, bit-exact rows)
+        if x.is_cuda and self.table.is_cuda:
+            from .. import cuda  # GPU kernels chosen by drgs_core.cuda (same indexing, bit-exact rows)
 
-            if hashgrid_cuda.supports(self, x):
-                return hashgrid_cuda.encode_module(self, x)
+            name = cuda.active_backend(x.device)
+            if name != "torch":
+                module = cuda.backend_module(name)
+                if module.hashgrid_supports(self, x):
+                    return module.hashgrid_encode(self, x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` on the PyTorch reference path, whatever the backend (x [P, D] -> [P, L*F])."""
         x = x.to(self.table.dtype).clamp(0.0, 1.0)
         n_points = x.shape[0]
         parts = []

@@ -6,78 +6,59 @@ Public API (units: mm, 1/mm, pixels; images [H, W] = [detector row v, column u];
         -> RasterResult
     voxelize(means, scales, rotations, rho, grid, backend="auto", chunk=None) -> [nx, ny, nz]
     rasterize_dense(...)  all-pixel reference evaluation (tiny problems / tests; torch only)
-    active_backend(device) -> "cuda" | "torch"
+    active_backend(device) -> "cuda-ext" | "triton" | "torch"
 
 Backends
 --------
-"torch": `render.torch_ref`, any device.  "cuda": the compiled kernels, reached through the optional module
-`drgs_core.render.cuda_backend` (which wraps the extension `drgs_core._C`).  That module is imported lazily
-on first use; if it (or the extension) is missing, or it defines `available()` returning False, only the torch
-backend exists.  Contract for `cuda_backend`: it provides
-    rasterize(means, scales, rotations, rho, camera, means2d, pair_capacity) -> RasterResult
-    voxelize(means, scales, rotations, rho, grid, chunk) -> Tensor [nx, ny, nz]   (chunk may be None)
-following the same numerical rules.  backend="auto" uses CUDA for CUDA tensors when it is available, else torch.
+Chosen by `drgs_core.cuda` (one selection mechanism for the renderer and the hash grid; see its docstring):
+"torch" is `render.torch_ref` (any device); "cuda-ext" (compiled extension) and "triton" (Triton kernels) are
+GPU backends with the same numerical rules (`render.common`).  backend="auto" takes `active_backend` of the
+inputs' device; "cuda" is accepted as the old name of "cuda-ext".
 """
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from .. import cuda as _cuda
 from ..errors import DRGSInputError
 from . import common, torch_ref  # noqa: F401  (common: the shared rules, for other backends)
 from .common import RasterResult
 
 __all__ = ["RasterResult", "rasterize", "rasterize_dense", "voxelize", "active_backend", "cuda_available"]
 
-_BACKENDS = ("auto", "torch", "cuda")
-_cuda_state: dict = {}
-
-
-def _cuda_module():
-    """The CUDA backend module, or None when it cannot be used (imported once, lazily)."""
-    if "module" not in _cuda_state:
-        module = None
-        try:
-            module = importlib.import_module(__name__ + ".cuda_backend")
-            available = getattr(module, "available", None)
-            if available is not None and not available():
-                module = None
-        except (ImportError, OSError):
-            module = None
-        _cuda_state["module"] = module
-    return _cuda_state["module"]
+_BACKENDS = ("auto", "torch", "cuda-ext", "triton", "cuda")
 
 
 def cuda_available() -> bool:
-    """True when the compiled CUDA backend can be used on this machine."""
-    return torch.cuda.is_available() and _cuda_module() is not None
+    """True when a GPU backend ("cuda-ext" or "triton") can run on this machine."""
+    return torch.cuda.is_available() and any(_cuda.is_available(n) for n in ("cuda-ext", "triton"))
 
 
 def active_backend(device) -> str:
-    """The backend `backend="auto"` picks for tensors on `device`: "cuda" or "torch"."""
-    device = torch.device(device)
-    if device.type == "cuda" and _cuda_module() is not None:
-        return "cuda"
-    return "torch"
+    """The backend `backend="auto"` picks for tensors on `device`: "cuda-ext", "triton" or "torch"."""
+    return _cuda.active_backend(device)
 
 
-def _resolve(backend: str, device) -> str:
+def _resolve(backend: str, device):
+    """(name, module or None for torch) of the backend that runs for `backend` on `device`."""
     if backend not in _BACKENDS:
-        raise DRGSInputError("unknown render backend", repr(backend), "one of 'auto', 'torch', 'cuda'")
-    if backend == "auto":
-        return active_backend(device)
-    if backend == "cuda":
-        if _cuda_module() is None:
-            raise DRGSInputError("the CUDA render backend is not available",
-                                 "no loadable drgs_core.render.cuda_backend / drgs_core._C",
-                                 "the compiled extension built for this machine",
-                                 "build it (pip install -e . with a CUDA toolkit) or use backend='torch'")
-        if torch.device(device).type != "cuda":
-            raise DRGSInputError("the CUDA render backend needs CUDA tensors", str(device), "a cuda device",
-                                 "move the inputs to the GPU or use backend='torch'")
-    return backend
+        raise DRGSInputError("unknown render backend", repr(backend),
+                             "one of 'auto', 'torch', 'cuda-ext', 'triton'")
+    name = "cuda-ext" if backend == "cuda" else backend
+    if name == "auto":
+        name = active_backend(device)
+    if name == "torch":
+        return name, None
+    if torch.device(device).type != "cuda":
+        raise DRGSInputError(f"the {name} render backend needs CUDA tensors", str(device), "a cuda device",
+                             "move the inputs to the GPU or use backend='torch'")
+    if not _cuda.is_available(name):
+        raise DRGSInputError(f"the {name} render backend is not available", str(_cuda._reason(name)),
+                             "a backend that can run on this machine",
+                             "use backend='auto' (or 'torch'); for cuda-ext build the extension "
+                             "(a CUDA toolkit), for triton install triton")
+    return name, _cuda.backend_module(name)
 
 
 def _check(means, scales, rotations, rho, means2d=None):
@@ -103,14 +84,15 @@ def rasterize(means, scales, rotations, rho, camera, means2d=None, backend: str 
     visible [P] bool, centres [P, 2] pixels, n_pairs)`.  Differentiable w.r.t. means, scales, rotations, rho and
     means2d.
 
-    pair_capacity (CUDA backend only, ignored by torch): None sizes the kernels' (tile, Gaussian) pair list
+    pair_capacity ("cuda-ext" only; "torch" and "triton" keep no pair list): None sizes the kernels' (tile, Gaussian) pair list
     exactly, which waits once for the GPU; a number fixes its size so that the call never waits (required
     inside a CUDA graph).  Then `result.n_pairs > pair_capacity` (on the device) flags an image that lost
     contributions; the trainer skips such an update and re-captures with room to spare.
     """
     _check(means, scales, rotations, rho, means2d)
-    if _resolve(backend, means.device) == "cuda":
-        return _cuda_module().rasterize(means, scales, rotations, rho, camera, means2d, pair_capacity)
+    _, module = _resolve(backend, means.device)
+    if module is not None:
+        return module.rasterize(means, scales, rotations, rho, camera, means2d, pair_capacity)
     return torch_ref.rasterize(means, scales, rotations, rho, camera, means2d)
 
 
@@ -129,6 +111,7 @@ def voxelize(means, scales, rotations, rho, grid, backend: str = "auto", chunk: 
     (bounds the working memory; None = the backend's default).  Differentiable w.r.t. means, scales, rotations, rho.
     """
     _check(means, scales, rotations, rho)
-    if _resolve(backend, means.device) == "cuda":
-        return _cuda_module().voxelize(means, scales, rotations, rho, grid, chunk)
+    _, module = _resolve(backend, means.device)
+    if module is not None:
+        return module.voxelize(means, scales, rotations, rho, grid, chunk)
     return torch_ref.voxelize(means, scales, rotations, rho, grid, chunk=chunk)

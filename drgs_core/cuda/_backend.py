@@ -1,4 +1,4 @@
-"""The optional compiled extension `drgs_core._C` (CUDA kernels from `csrc/`).
+"""Loader of the optional compiled extension `drgs_core._C` (CUDA kernels from `csrc/`).
 
 `load_extension()` returns the extension module, or None when it cannot be used here; `unavailable_reason()`
 then says why.  Order of attempts:
@@ -11,13 +11,13 @@ then says why.  Order of attempts:
    a minute).  This is what a source install (e.g. inside 3D Slicer's Python) uses.
 
 Environment:
-    DRGS4D_DISABLE_CUDA=1   never load the extension (everything runs on the PyTorch reference path)
+    DRGS4D_DISABLE_CUDA=1   never load the extension (the Triton or PyTorch path runs instead)
     DRGS4D_NO_JIT=1         use a prebuilt extension only
     DRGS4D_CACHE=DIR        where JIT builds are kept
     DRGS4D_JIT_VERBOSE=1    show the compiler output of a JIT build
     DRGS4D_POISON=1         debug: kernels fill their outputs with NaN / sentinels before writing them
 
-Nothing here is imported by CPU-only code paths until a CUDA tensor asks for a kernel.
+Compiler flags: `_flags.py` (shared with setup.py).  Nothing here runs until a CUDA tensor asks for a kernel.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ import os
 import threading
 from pathlib import Path
 
+from ._flags import CXX_FLAGS, NVCC_FLAGS
+
 log = logging.getLogger(__name__)
 
 #: Must equal kAbiVersion in csrc/ops.cpp.
 ABI_VERSION = 2
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
 _lock = threading.Lock()
 _state: dict = {"tried": False, "module": None, "reason": "not loaded yet", "source": None}
 
@@ -97,8 +99,8 @@ def _jit_build(torch):
         return cpp_extension.load(
             name=name,
             sources=compiled,
-            extra_cflags=["-O3", "-std=c++17"],
-            extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo"],
+            extra_cflags=list(CXX_FLAGS),
+            extra_cuda_cflags=list(NVCC_FLAGS),
             build_directory=str(build),
             verbose=_env_true("DRGS4D_JIT_VERBOSE"),
         )
@@ -130,7 +132,7 @@ def load_extension(force: bool = False):
             return None
         errors = []
         try:
-            from . import _C  # prebuilt by setup.py
+            from .. import _C  # prebuilt by setup.py
 
             return _accept(_C, "prebuilt")
         except ImportError as exc:
