@@ -26,6 +26,7 @@ from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequenc
                  write_volume)
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
+from .preview import write_preview
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .render import active_backend, rasterize, voxelize
 from .train import TrainConfig, train
@@ -287,21 +288,9 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
     all_times = case.times
 
     def snapshot(it: int) -> dict:
-        snap = out / "snapshots"
-        snap.mkdir(exist_ok=True)
         vol = mean_volume(model, all_times).cpu().numpy()
-        vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
-        write_volume(vpath, vol, grid)
         level = cfg.iso_level if cfg.iso_level is not None else vessel_iso_level(vol)
-        result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
-        if level > 0 and vol.max() > level:
-            verts, faces = mesh_from_volume(vol, grid, level)
-            write_mesh(mpath, verts, faces)
-            result["mesh"] = str(mpath)
-        for old in snap.glob("*_*.*"):  # keep the files of the latest two snapshots
-            if int(old.name.split("_")[1].split(".")[0]) < it - cfg.snapshot_every:
-                old.unlink(missing_ok=True)
-        return result
+        return write_preview(out / "snapshots", it, vol, grid, level)
 
     with timer("train"):
         result = train(model, dsa_train, cameras, all_times[train_idx], tcfg, n_views=int(cfg.views),

@@ -106,6 +106,9 @@ def error_event(exc: BaseException) -> tuple[dict, int]:
 
     if isinstance(exc, DRGSInputError):
         return {"event": "error", "kind": "input", "message": str(exc)}, EXIT_INPUT
+    missing = missing_dependency(exc)
+    if missing:
+        return {"event": "error", "kind": "input", "message": missing_dependency_message(missing)}, EXIT_INPUT
     if _is_out_of_memory(exc):
         message = ("Out of memory: " + (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                    + ". What to do: use fewer training views, a smaller volume grid, the 'fast' schedule, "
@@ -115,6 +118,25 @@ def error_event(exc: BaseException) -> tuple[dict, int]:
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return ({"event": "error", "kind": "internal", "message": message,
              "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}, EXIT_INTERNAL)
+
+
+def missing_dependency(exc: BaseException) -> str | None:
+    """The top-level name of a third-party package the engine could not import, or None.
+
+    A missing ``drgs_core`` module is a broken installation (internal), not a missing dependency.
+    """
+    if not isinstance(exc, ImportError) or not getattr(exc, "name", None):
+        return None
+    top = exc.name.split(".")[0]
+    return None if top == "drgs_core" else top
+
+
+def missing_dependency_message(package: str) -> str:
+    """What the user reads when this interpreter lacks an engine dependency (e.g. torch on a build machine)."""
+    return (f"The reconstruction engine needs the Python package '{package}', which is not installed in "
+            f"{sys.executable} (Python {sys.version.split()[0]}). What to do: in 3D Slicer press Reconstruct once "
+            "and accept the installation (PyTorch comes through the PyTorch extension), or choose an external "
+            "Python environment where 'pip install drgs4d' (or 'pip install -e <DRGS4D source>') was run.")
 
 
 # ---- the job -------------------------------------------------------------------------------------------------------
@@ -187,11 +209,26 @@ def version_event() -> dict:
             "executable": sys.executable}
 
 
+# Rough training speed on a paper-scale case (512^2 detector, 256^3 grid; bench/RESULTS.md): the CUDA kernels on one
+# recent data-centre GPU, and the PyTorch reference path on a GPU, 55-80x slower.  Only an order of magnitude.
+EXPECTED_IT_PER_S = {"cuda": 700.0, "torch-gpu": 10.0}
+FAST_ITERATIONS = 10000
+
+
+def expected_speed(backend: str, device_type: str) -> dict:
+    """``{"it_per_s", "fast_run_s"}`` for a backend on a device type; None values when no figure exists (CPU)."""
+    key = "cuda" if backend == "cuda" else ("torch-gpu" if device_type == "cuda" else None)
+    rate = EXPECTED_IT_PER_S.get(key) if key else None
+    return {"it_per_s": rate, "fast_run_s": None if rate is None else round(FAST_ITERATIONS / rate + 15.0)}
+
+
 def probe_event() -> dict:
-    """What this interpreter can run: torch version and CUDA devices (imports torch, so it takes a moment)."""
+    """What this interpreter can run: torch version, CUDA devices, the render backend ``device="auto"`` would use
+    (``drgs_core.render.active_backend``) and a rough time for a ``fast`` run.  Imports torch: takes a moment."""
     event = version_event()
     event["event"] = "probe"
-    event.update(torch=None, cuda=[], problem=None)
+    event.update(torch=None, cuda=[], problem=None, backend=None, backend_device=None, it_per_s=None,
+                 fast_run_s=None)
     try:
         import torch
 
@@ -201,8 +238,15 @@ def probe_event() -> dict:
                 props = torch.cuda.get_device_properties(i)
                 event["cuda"].append({"index": i, "name": props.name,
                                       "memory_gb": round(props.total_memory / 2**30, 1)})
+        from .render import active_backend
+
+        device = "cuda:0" if event["cuda"] else "cpu"
+        event["backend"] = active_backend(device)
+        event["backend_device"] = device
+        event.update(expected_speed(event["backend"], device.split(":")[0]))
     except Exception as exc:  # noqa: BLE001
-        event["problem"] = f"{type(exc).__name__}: {exc}"
+        missing = missing_dependency(exc)
+        event["problem"] = missing_dependency_message(missing) if missing else f"{type(exc).__name__}: {exc}"
     return event
 
 
@@ -256,6 +300,12 @@ def describe(request: dict) -> tuple[dict, int]:
 
 
 # ---- process plumbing ----------------------------------------------------------------------------------------------
+
+def hello_event() -> dict:
+    """First event of a run: the pid of this interpreter, which a front end signals on cancel (under a launcher such
+    as PythonSlicer the process it started is the launcher, not this one)."""
+    return {"event": "worker", "pid": os.getpid(), "python": sys.version.split()[0]}
+
 
 def _protocol_stream():
     """Keep the real stdout for events only; send fd 1 (stray prints, C libraries) to stderr."""
@@ -354,6 +404,7 @@ def main(argv=None) -> int:
     _install_stop_handlers(stop)
     if args.watch_stdin:
         _watch_stdin(stop)
+    emit(hello_event())
     try:
         request = read_request(args.config)
     except Exception as exc:  # noqa: BLE001

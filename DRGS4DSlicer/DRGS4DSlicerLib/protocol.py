@@ -8,10 +8,11 @@ nothing about processes, Qt or MRML, so it can be tested on its own.
 Events (fields beyond ``protocol`` and ``event``; ``?`` = optional, may be null):
 
 =========  ==========================================================================================================
+worker     pid (of the interpreter running the engine: the process a cancel signals), python?
 started    run_dir, n_frames, views, iterations, device
 progress   stage (load|fdk|init|train|voxelize|mesh|write), iteration?, iterations?, loss?, n_gaussians?,
            elapsed_s?, eta_s?
-snapshot   iteration, volume? (.nii.gz path, LPS mm), mesh? (.vtk path, LPS mm)
+snapshot   iteration, volume? (uncompressed .nrrd, at most 128^3 voxels, LPS mm), mesh? (binary .vtk, LPS mm)
 done       outputs {volume, mesh_stl, mesh_vtk, segmentation, volume_4d, renders, cine, gaussians, config, metrics,
            checkpoint}, metrics?
 cancelled  checkpoint? (path of the checkpoint a later run can resume from; null: this run saved none, e.g. it stopped
@@ -47,6 +48,10 @@ _OPT = type(None)
 
 # event -> {field: (accepted types, required)}
 _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "worker": {
+        "pid": ((int,), True),
+        "python": ((str, _OPT), False),
+    },
     "started": {
         "run_dir": ((str,), True),
         "n_frames": ((int,), True),
