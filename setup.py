@@ -59,7 +59,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"]},
+    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "vermin==1.6.0"]},
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
     **_cuda_extension_kwargs(),
 )

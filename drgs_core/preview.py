@@ -39,6 +39,7 @@ def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
 def _write_raw_nrrd(path: Path, volume: np.ndarray, spacing, first_centre) -> None:
     """Uncompressed NRRD, axes (x, y, z) = (i, j, k) with x fastest, LPS space."""
     arr = np.asarray(volume, dtype="<f4")
+    spacing, first_centre = [float(v) for v in spacing], [float(v) for v in first_centre]
     header = ("NRRD0004\n"
               "type: float\n"
               "dimension: 3\n"

@@ -299,6 +299,22 @@ def describe(request: dict) -> tuple[dict, int]:
         return error_event(exc)
 
 
+def make_phantom(folder: str, options_json: str | None) -> tuple[dict, int]:
+    """Write a demo phantom case folder (``preset("demo", **options)``); a ``phantom`` event names it."""
+    try:
+        from .phantom import make_phantom as build, preset, write_phantom
+
+        options = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to the tuples the config holds
+                   for k, v in (json.loads(options_json) if options_json else {}).items()}
+        if not os.path.isfile(os.path.join(folder, "transforms.json")):
+            write_phantom(build(preset("demo", **options)), folder)
+        return {"event": "phantom", "case": os.fspath(folder)}, EXIT_DONE
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return error_event(exc)
+
+
 # ---- process plumbing ----------------------------------------------------------------------------------------------
 
 def hello_event() -> dict:
@@ -365,6 +381,8 @@ def main(argv=None) -> int:
     parser.add_argument("--describe", metavar="REQUEST", help="print a 'described' event for the request's inputs")
     parser.add_argument("--version", action="store_true", help="print a 'version' event and exit")
     parser.add_argument("--probe", action="store_true", help="print a 'probe' event (torch, CUDA devices) and exit")
+    parser.add_argument("--make-phantom", metavar="FOLDER", help="write the demo phantom case into FOLDER")
+    parser.add_argument("--phantom-options", metavar="JSON", help="keyword arguments of phantom.preset('demo', ...)")
     parser.add_argument("--watch-stdin", action="store_true",
                         help="stop when stdin says 'cancel' or closes (used by the Slicer panel)")
     parser.add_argument("--new-session", action="store_true",
@@ -386,6 +404,10 @@ def main(argv=None) -> int:
     if args.probe:
         emit(probe_event())
         return EXIT_DONE
+    if args.make_phantom:
+        event, code = make_phantom(args.make_phantom, args.phantom_options)
+        emit(event)
+        return code
     if args.describe:
         try:
             request = read_request(args.describe)

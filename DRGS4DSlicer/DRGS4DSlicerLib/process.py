@@ -461,6 +461,7 @@ class WorkerProcess:
         for thread in self._threads:
             thread.join(5.0)
         self._reap_group()
+        self._close_pipes()
         return self.proc.returncode
 
     def __del__(self):  # pragma: no cover - best effort
@@ -523,8 +524,13 @@ class WorkerCommand:
         return self.result
 
     def cancel(self) -> None:
+        """Stop it now (a probe or a description has nothing to save)."""
         if self.worker is not None and not self.worker.finished():
-            self.worker.cancel(timeout=0.5)
+            self.worker.kill()
+            self.worker.wait(5.0)
+            self.worker.poll_events()
+        if self.result is None:
+            self.result = {"event": "error", "kind": "internal", "message": "cancelled"}
 
     def _no_answer(self) -> dict:
         tail = list(self.worker.stderr_tail)[-10:]
