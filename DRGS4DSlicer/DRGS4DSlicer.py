@@ -603,6 +603,9 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)
                 if p.showVolumeRendering:
                     self.logic.showVolumeRendering(volume)
+            renders = job.updater.node("renders_proxy")
+            if renders is not None:
+                self.logic.showImageInSliceView(renders, "Yellow")
             elapsed = st.metrics.get("total_s")
             self.ui.statusLabel.text = (
                 _("Finished in {seconds} s. Results: {folder}").format(seconds=f"{elapsed:.0f}", folder=st.run_dir)
@@ -827,6 +830,18 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         return updater.export_segmentation_files(folder)
 
     @staticmethod
+    def showImageInSliceView(imageNode, viewName: str = "Yellow") -> None:
+        """Show a 2D image sequence's frame (e.g. the rendered DSA) alone in one slice view, facing it."""
+        layoutManager = getattr(slicer.app, "layoutManager", lambda: None)()
+        sliceWidget = layoutManager.sliceWidget(viewName) if layoutManager is not None else None
+        if sliceWidget is None:
+            return
+        sliceWidget.mrmlSliceCompositeNode().SetBackgroundVolumeID(imageNode.GetID())
+        sliceWidget.mrmlSliceCompositeNode().SetForegroundVolumeID(None)
+        sliceWidget.mrmlSliceNode().SetOrientation("Axial")  # the frames lie in the IJ (axial) plane
+        sliceWidget.sliceLogic().FitSliceToAll()
+
+    @staticmethod
     def showVolumeRendering(volumeNode) -> None:
         """Show ``volumeNode`` with volume rendering.  The transfer function is chosen once, when the display node is
         created (scaled to the values then, attenuation in 1/mm); later calls only make it visible, so the user's
@@ -869,6 +884,9 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if not engineRunsInThisPython():
+            self.delayDisplay(_("Skipped: {reason}").format(reason=pythonTooOldMessage()))
+            return
         self.setUp()
         self.test_BrokenInputIsReadable()
         self.setUp()
@@ -890,8 +908,9 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
             import torch  # noqa: F401
             import drgs_core.pipeline  # noqa: F401
         except ImportError as exc:
-            self.delayDisplay(f"Skipped: the engine cannot be imported in Slicer's Python ({exc}). "
-                              "Press Reconstruct in the panel once to install its dependencies.")
+            self.delayDisplay(_("Skipped the reconstruction: the engine cannot be imported in Slicer's Python "
+                                "({reason}). Press Reconstruct in the DRGS4D panel once to install PyTorch and the "
+                                "other dependencies.").format(reason=exc))
             return False
         return True
 
