@@ -670,7 +670,8 @@ def describeProbe(event: dict) -> str:
         names = {"cuda": _("DRGS4D CUDA kernels"), "torch": _("PyTorch reference renderer (slower)")}
         if event.get("fast_run_s"):
             lines.append(_("Renderer: {backend} on {device}; a 'fast' run of a full-size case takes about "
-                           "{duration}.").format(backend=names.get(backend, backend), device=event.get("backend_device"),
+                           "{duration}.").format(backend=names.get(backend, backend),
+                                                 device=event.get("backend_device"),
                                                  duration=protocol.format_duration(event["fast_run_s"])))
         else:
             lines.append(_("Renderer: {backend} on {device}.").format(backend=names.get(backend, backend),

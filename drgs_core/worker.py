@@ -3,17 +3,20 @@
     python -m drgs_core.worker --config REQUEST.json [--watch-stdin] [--new-session]
     python -m drgs_core.worker --version | --probe
     python -m drgs_core.worker --describe REQUEST.json
+    python -m drgs_core.worker --make-phantom FOLDER [--phantom-options JSON]
 
 Protocol (version ``PROTOCOL_VERSION``): stdout carries one JSON object per line and nothing else; every object has
-``"protocol": 1`` and ``"event"`` (started, progress, snapshot, done, cancelled, error, or for the utility commands
-version, probe, described).  Each line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
+``"protocol": 1`` and ``"event"`` (worker - the first event of a run, with the interpreter's pid -, started, progress,
+snapshot, done, cancelled, error, or for the utility commands version, probe, described, phantom).  Each line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
 library prints to stdout by accident is diverted to stderr at the file-descriptor level, so the event stream stays
 clean.
 
 REQUEST.json holds a ``ReconstructConfig`` as a JSON object (``ReconstructConfig.to_dict()``).
 
 Stopping: SIGTERM or SIGINT (CTRL_BREAK on Windows), or with ``--watch-stdin`` the line ``cancel`` on stdin or stdin
-reaching end of file (the panel went away), sets a stop flag.  During training the pipeline then writes a checkpoint
+reaching end of file (the panel went away), sets a stop flag.  Under a launcher (Slicer's PythonSlicer) a front end
+writes ``cancel`` first and signals the pid of the ``worker`` event, never the launcher.  A missing third-party
+package (e.g. torch) is an ``input`` error that says what to do.  During training the pipeline then writes a checkpoint
 and reports ``cancelled`` with its path; a later run of the same request with ``"resume": true`` continues from it.
 A stop before training reports ``cancelled`` with ``"checkpoint": null`` (nothing to resume).
 

@@ -528,9 +528,8 @@ class SceneUpdater:
         steps = [LoadStep("sequence", lambda prepared, i=i: self._add_sequence_frame(sequence, prepared, values[i]),
                           read=lambda i=i: prepare_image(frames[i], ijk_to_ras))
                  for i in range(len(frames))]
-        steps.append(LoadStep("sequence_browser", lambda _d: self._browse(sequence, "sequence_browser",
-                                                                           f"{self.run_name} 4D browser",
-                                                                           "sequence_proxy", f"{self.run_name} 4D frame")))
+        steps.append(LoadStep("sequence_browser", lambda _d: self._browse(
+            sequence, "sequence_browser", f"{self.run_name} 4D browser", "sequence_proxy", f"{self.run_name} 4D frame")))
         return steps
 
     def _add_sequence_frame(self, sequence, prepared, value) -> None:

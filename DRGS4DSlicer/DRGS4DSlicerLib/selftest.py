@@ -25,7 +25,7 @@ def write_tiny_phantom(folder: str | os.PathLike, seed: int = 0) -> str:
 
 
 def phantom_command(folder: str | os.PathLike, seed: int = 0) -> list[str]:
-    """Worker arguments that write the tiny phantom into ``folder`` (SampleData uses it: no torch in Slicer's process)."""
+    """Worker arguments that write the tiny phantom into ``folder`` (SampleData: no torch in Slicer's process)."""
     import json
 
     options = dict(TINY_PHANTOM, seed=seed)

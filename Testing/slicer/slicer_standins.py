@@ -545,7 +545,8 @@ def parameter_node_wrapper_module(version: str, connections: list | None = None)
 
     mod = types.ModuleType("slicer.parameterNodeWrapper")
     mod.parameterNodeWrapper = parameterNodeWrapper
-    mod.Choice, mod.Minimum, mod.Maximum, mod.WithinRange, mod.Decimals = Choice, Minimum, Maximum, WithinRange, Decimals
+    mod.Choice, mod.Minimum, mod.Maximum = Choice, Minimum, Maximum
+    mod.WithinRange, mod.Decimals = WithinRange, Decimals
     return mod
 
 

@@ -5,12 +5,10 @@ which warns when an observer is removed twice.  Also: the threshold range, the d
 on a Python too old for the engine, background input checks, and the main-thread time of every timer tick while a
 256^3 result streams in."""
 
-import importlib
 import pathlib
 import shutil
 import sys
 import time
-import types
 import warnings
 
 import numpy as np
