@@ -38,6 +38,8 @@ except ImportError:  # Slicer < 5.4
         return text
 
 from DRGS4DSlicerLib import deps, inputs, process, protocol
+
+protocol.translate = _  # the library's status texts go through Slicer's translation too
 from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
 from DRGS4DSlicerLib.scene import SceneUpdater
 

@@ -133,7 +133,7 @@ class ReconstructionJob:
         self.worker = process.start_worker(str(self.request_path), python=self.python, external=self.external,
                                            cwd=str(self.run_dir), engine=self.engine, extra_env=self.extra_env)
         self.state.status = "running"
-        self.state.text = "Starting the reconstruction process..."
+        self.state.text = protocol.tr("Starting the reconstruction process...")
         return self
 
     @classmethod
@@ -165,7 +165,7 @@ class ReconstructionJob:
         """Ask the worker to stop (non-blocking); it checkpoints first.  ``poll()`` reports the outcome."""
         if self.worker is not None and self.running:
             self.state.status = "cancelling"
-            self.state.text = "Cancelling: saving a checkpoint..."
+            self.state.text = protocol.tr("Cancelling: saving a checkpoint...")
             self.worker.request_cancel(self.cancel_grace_s)
 
     def kill(self) -> None:
@@ -258,7 +258,7 @@ class ReconstructionJob:
         elif name in ("started", "progress", "snapshot", "done", "error"):
             st.text = protocol.describe_event(event)
         if st.status == "loading":
-            st.text = "Loading the results into the scene..."
+            st.text = protocol.tr("Loading the results into the scene...")
 
     def _load_one(self) -> None:
         """Advance loading the results by one piece: start reading its files in the background, or apply a piece
