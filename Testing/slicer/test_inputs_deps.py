@@ -48,7 +48,7 @@ def test_describe_reports_engine_input_errors_readably(tmp_path):
     assert "Traceback" not in str(info.value) and str(info.value)
 
 
-def test_describe_through_the_worker_matches_in_process(tmp_path):
+def test_describe_through_the_worker_matches_the_engine(tmp_path):
     """A small case written with the engine's own writer, described in-process and through --describe."""
     from drgs_core.geometry import ConeBeamGeometry, VolumeGrid
     from drgs_core.io import Case, write_case
@@ -59,8 +59,11 @@ def test_describe_through_the_worker_matches_in_process(tmp_path):
                 name="tiny")
     folder = tmp_path / "tiny"
     write_case(case, folder)
-    local = inputs.describe_inputs({"case": str(folder)})
+    from drgs_core import worker
+
+    local = worker.summarize_case(worker.load_case_for_request({"case": str(folder)}))
     remote = inputs.describe_inputs({"case": str(folder)}, python=sys.executable, external=True)
+    assert remote == inputs.describe_inputs({"case": str(folder)})  # Slicer's own interpreter, here this one
     assert local["n_frames"] == remote["n_frames"] == n
     assert local["detector_shape"] == [h, w] and local["volume_resolution"] == [4, 5, 6]
     assert local["primary_deg"] == pytest.approx([np.degrees(-1.0), np.degrees(1.0)])

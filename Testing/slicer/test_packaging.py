@@ -144,7 +144,8 @@ def test_the_module_imports_under_a_real_python_39(tmp_path):
     script = tmp_path / "import39.py"
     script.write_text(IMPORT_UNDER_39)
     done = subprocess.run([python, str(script), str(MODULE)], capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")})
+                          env=dict({k: v for k, v in os.environ.items() if not k.startswith("PYTHON")},
+                                   PYTHONDONTWRITEBYTECODE="1"))
     assert done.returncode == 0 and done.stdout.strip() == "imported", done.stdout + done.stderr[-3000:]
 
 
