@@ -26,8 +26,8 @@ from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequenc
                  write_volume)
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
-from .preview import write_preview
 from .model.serialize import save_json, save_model, write_gaussians_ply
+from .preview import write_preview
 from .render import active_backend, rasterize, voxelize
 from .train import TrainConfig, train
 
