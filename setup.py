@@ -66,7 +66,8 @@ setup(
     ],
     # triton in "test": the Triton kernels also run on the CPU in CI, through its interpreter (>= 3.2 so that
     # a CUDA build of torch keeps the triton it ships with)
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'"],
+    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'",
+                             "vermin==1.6.0"],
                     # decoders for compressed XA pixel data (JPEG lossless / JPEG 2000); pydicom uses them if present
                     "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"],
                     # toolkit-free GPU kernels (Linux CUDA wheels of torch already bring triton)

@@ -3,14 +3,19 @@
 The panel (Widget) collects inputs and settings in a parameter node, the Logic starts the ``drgs_core`` engine in a
 background process and streams its results into the scene.  Process control, protocol parsing and scene updates live
 in ``DRGS4DSlicerLib`` (no Qt), so they are tested outside Slicer as well.
+
+This file and ``DRGS4DSlicerLib`` import under Python 3.9 (Slicer 5.6/5.8), where the panel explains that the engine
+needs Slicer 5.10+ (Python 3.12) or an external Python >= 3.10; ``Testing/slicer/test_packaging.py`` checks it.
 """
 
+import json
 import logging
 import os
 import pathlib
+import sys
 import time
 import traceback
-from typing import Annotated
+from typing import Annotated, Optional
 
 import qt
 import vtk
@@ -32,18 +37,34 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from DRGS4DSlicerLib import deps, inputs, process
+from DRGS4DSlicerLib import deps, inputs, process, protocol
+
+protocol.translate = _  # the library's status texts go through Slicer's translation too
 from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
 from DRGS4DSlicerLib.scene import SceneUpdater
 
 log = logging.getLogger("DRGS4D")
 
+DOCUMENTATION_URL = "https://github.com/drgs4d/DRGS4D#3d-slicer-extension-drgs4d-panel"
+ENGINE_MIN_PYTHON = (3, 10)  # drgs_core's python_requires (setup.py)
 INPUT_MODES = ["case folder", "files", "scene volumes"]
-DEVICES = ["auto", "cpu"] + [f"cuda:{i}" for i in range(8)]
 PRESETS = ["none", "demo", "tiny"]
 DETECTOR_BINNING = ["auto", "1", "2", "3", "4"]
 SCHEDULE_ITERATIONS = {"fast": 10000, "full": 30000}
 PRESET_ITERATIONS = {"demo": 1200, "tiny": 150}
+THRESHOLD_LIMIT = 100.0  # 1/mm, far above any attenuation; the slider's range follows the result volume below it
+
+
+def engineRunsInThisPython() -> bool:
+    """Can Slicer's own Python run the engine?  Not on Slicer 5.6/5.8 (Python 3.9): use an external Python there."""
+    return sys.version_info[:2] >= ENGINE_MIN_PYTHON
+
+
+def pythonTooOldMessage() -> str:
+    return _("This Slicer runs Python {version}; the DRGS4D engine needs Python {required} or later. Use Slicer 5.10 "
+             "or later, or choose an external Python environment (Python {required}+, with drgs_core installed) "
+             "under Advanced.").format(version=sys.version.split()[0],
+                                       required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
 
 
 #
@@ -57,7 +78,7 @@ class DRGS4DSlicer(ScriptedLoadableModule):
         self.parent.title = _("DRGS4D")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Reconstruction")]
         self.parent.dependencies = []
-        self.parent.contributors = ["DRGS4D project contributors"]
+        self.parent.contributors = ["DRGS4D project contributors (DRGS4D open-source project)"]
         self.parent.helpText = _("""
 Reconstructs cerebral vessels from a rotational DSA acquisition (fill and mask runs) using only a sparse subset of
 the frames, with 4D radiative Gaussian splatting.<br><br>
@@ -66,12 +87,51 @@ already in the scene plus a geometry JSON; check the inputs; pick the number of 
 <b>Reconstruct</b>. Training runs in a background process (GPU when available) and a preview volume and surface
 are updated in the scene while it trains. At the end the vessel volume, surface model, segmentation, a 4D
 (time-resolved) sequence and the rendered DSA appear under one folder in the Data module.<br><br>
-<b>Cancel</b> saves a checkpoint; <b>Resume</b> continues from it.
-""")
+<b>Cancel</b> saves a checkpoint; <b>Resume</b> continues from it.<br><br>
+See the <a href="{url}">documentation</a> for inputs, settings and supported Slicer versions.
+""").format(url=DOCUMENTATION_URL)
         self.parent.acknowledgementText = _("""
-The method follows Liu et al., "4DRGS: 4D Radiative Gaussian Splatting for Efficient 3D Vessel Reconstruction from
-Sparse-View Dynamic DSA Images" (IPMI 2025); this is an independent implementation.
+DRGS4D is an independent, open-source (Apache-2.0) implementation of the method of Liu et al., "4DRGS: 4D Radiative
+Gaussian Splatting for Efficient 3D Vessel Reconstruction from Sparse-View Dynamic DSA Images" (IPMI 2025). It uses
+3D Slicer, PyTorch (through the PyTorch extension) and the Python scientific stack.
 """)
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """SampleData entry: the small demo phantom, made on demand by the engine (nothing is downloaded)."""
+    try:
+        import SampleData
+    except ImportError:
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="DRGS4D", sampleName="DRGS4DDemoPhantom",
+        uris=None, fileNames=None, nodeNames=None, loadFiles=False,
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "DRGS4DSlicer.png"),
+        customDownloader=makeDemoPhantom)
+
+
+def makeDemoPhantom(source=None):
+    """SampleData downloader: the worker writes the tiny demo phantom into Slicer's temporary folder (a few seconds,
+    like a small download), then the panel is pointed at it."""
+    from DRGS4DSlicerLib import selftest
+
+    if not engineRunsInThisPython():
+        slicer.util.errorDisplay(pythonTooOldMessage(), windowTitle=_("DRGS4D"))
+        return []
+    folder = os.path.join(slicer.app.temporaryPath, "DRGS4D-demo-phantom")
+    with slicer.util.WaitCursor():
+        event = process.run_worker_command(selftest.phantom_command(folder), timeout=300)
+    if event.get("event") != "phantom":
+        slicer.util.errorDisplay(event.get("message") or _("The demo phantom could not be made."),
+                                 windowTitle=_("DRGS4D"))
+        return []
+    parameterNode = DRGS4DSlicerLogic().getParameterNode()
+    parameterNode.inputMode = "case folder"
+    parameterNode.caseFolder = pathlib.Path(event["case"])
+    parameterNode.preset = "tiny"
+    slicer.util.selectModule("DRGS4DSlicer")
+    return []
 
 
 #
@@ -84,9 +144,12 @@ class DRGS4DSlicerParameterNode:
     """Everything the panel remembers; saved with the scene.
 
     Inputs: inputMode, caseFolder | fillFile + maskFile | fillVolume + maskVolume, and geometryFile.
-    Settings: views (training frames), schedule, iterations, device, previewInterval (iterations between
+    Settings: views (training frames), schedule, iterations, device ("auto", "cpu" or "cuda:N"; the panel fills its
+    list from the worker's --probe, so it is not bound through the .ui), previewInterval (iterations between
     snapshots, 0 = off), outputFolder, load options, seed, preset, detectorBinning, staticField, external Python.
-    Results: resultVolume, resultSegmentation, threshold (1/mm); nFrames and lastRunFolder are bookkeeping.
+    Results: resultVolume, resultSegmentation, threshold (1/mm; the slider's range follows the result volume's
+    values, the annotation only bounds it as Slicer's slider connector requires); nFrames and lastRunFolder are
+    bookkeeping.
     """
 
     inputMode: Annotated[str, Choice(INPUT_MODES)] = "case folder"
@@ -99,7 +162,7 @@ class DRGS4DSlicerParameterNode:
     views: Annotated[int, WithinRange(1, 2000)] = 30
     schedule: Annotated[str, Choice(["fast", "full"])] = "fast"
     iterations: Annotated[int, WithinRange(100, 60000)] = 10000
-    device: Annotated[str, Choice(DEVICES)] = "auto"
+    device: str = "auto"
     previewInterval: Annotated[int, WithinRange(0, 100000)] = 500
     outputFolder: pathlib.Path
     loadSequence: bool = True
@@ -113,12 +176,12 @@ class DRGS4DSlicerParameterNode:
     pythonExecutable: pathlib.Path
     resultVolume: vtkMRMLScalarVolumeNode
     resultSegmentation: vtkMRMLSegmentationNode
-    threshold: Annotated[float, Minimum(0.0)] = 0.008
+    threshold: Annotated[float, WithinRange(0.0, THRESHOLD_LIMIT)] = 0.008
     nFrames: int = 0
     lastRunFolder: str = ""
 
 
-def _path(value) -> str | None:
+def _path(value) -> Optional[str]:
     """A parameter-node path, or None when it is unset (the wrapper stores an empty path as '.')."""
     if value is None:
         return None
@@ -132,6 +195,11 @@ def _path(value) -> str | None:
 
 
 class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel.  Nothing slow runs in Slicer's main thread: the worker reads inputs (``--describe``) and probes the
+    interpreter (``--probe``) in background processes, and results are loaded one piece per timer tick."""
+
+    POLL_INTERVAL_MS = 100
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -139,8 +207,12 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._task = None  # (kind, process.WorkerCommand) of a running --describe / --probe
+        self._installing = False
+        self._probe = None  # the last probe event
         self._lastSchedule = None
         self._lastPreset = None
+        self._thresholdRangeFor = None  # the volume (ID, modified time) the threshold range was taken from
         self._timer = None
 
     # -- setup --
@@ -165,29 +237,37 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportFilesButton.connect("clicked(bool)", self.onExportFiles)
         self.ui.viewsSlider.connect("valueChanged(int)", self._updateSliderLabels)
         self.ui.iterationsSlider.connect("valueChanged(int)", self._updateSliderLabels)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChosen)
+        self._setDeviceChoices([("auto", _("auto")), ("cpu", _("CPU"))])
 
         self._timer = qt.QTimer()
-        self._timer.setInterval(250)
+        self._timer.setInterval(self.POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.onPollWorker)
 
         self.initializeParameterNode()
+        if not engineRunsInThisPython():
+            self.ui.statusLabel.text = pythonTooOldMessage()
 
     def cleanup(self) -> None:
         """Called when the application closes or the module is reloaded: never leave a worker behind."""
+        self.setParameterNode(None)
         self.removeObservers()
         if self._timer is not None:
             self._timer.stop()
+        if self._task is not None:
+            self._task[1].cancel()
+            self._task = None
         if self._job is not None and self._job.running:
             self._job.kill()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self._probe is None and self._task is None and self._canRunEngine(quiet=True):
+            self.onCheckPython()  # fills the device list in the background
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        # disconnect and forget the node, so that the next enter() connects it once again (and removes nothing twice)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None and self._job.running:
@@ -204,10 +284,13 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not _path(p.outputFolder):
             p.outputFolder = pathlib.Path(self.logic.defaultOutputFolder())
+        if not engineRunsInThisPython() and not p.useExternalPython:
+            p.useExternalPython = True
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
@@ -215,8 +298,13 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
             self._lastSchedule = self._parameterNode.schedule
             self._lastPreset = self._parameterNode.preset
+            self._thresholdRangeFor = None  # connecting set the slider to the annotation's range
             self._applyCaseLimits()
             self._onParameterNodeModified()
+
+    def _params(self):
+        """The parameter node, also while the module is not shown (a run may finish then)."""
+        return self._parameterNode or self.logic.getParameterNode()
 
     # -- GUI state --
     def _applyCaseLimits(self) -> None:
@@ -229,12 +317,56 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.views = nFrames
         self._updateSliderLabels()
 
+    def _applyThresholdRange(self) -> None:
+        """Threshold slider range = 0 .. the result volume's largest value (cheap: VTK caches the scalar range)."""
+        p = self._parameterNode
+        volume = p.resultVolume if p else None
+        image = volume.GetImageData() if volume is not None else None
+        key = (volume.GetID(), image.GetMTime()) if image is not None else None
+        if key == self._thresholdRangeFor:
+            return
+        self._thresholdRangeFor = key
+        top = float(image.GetScalarRange()[1]) if image is not None else THRESHOLD_LIMIT
+        top = min(max(top, 1e-6), THRESHOLD_LIMIT)
+        slider = self.ui.thresholdSliderWidget
+        slider.singleStep = top / 500.0
+        slider.maximum = top
+
     def _updateSliderLabels(self, *args) -> None:
         p = self._parameterNode
         nFrames = p.nFrames if p and p.nFrames > 0 else None
         views = self.ui.viewsSlider.value
-        self.ui.viewsValueLabel.text = f"{views} of {nFrames}" if nFrames else str(views)
+        self.ui.viewsValueLabel.text = (_("{views} of {frames}").format(views=views, frames=nFrames) if nFrames
+                                        else str(views))
         self.ui.iterationsValueLabel.text = f"{self.ui.iterationsSlider.value:,}"
+
+    def _setDeviceChoices(self, devices) -> None:
+        """Fill the device list with (value, label) pairs; the parameter's value stays selected."""
+        combo = self.ui.deviceComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for value, label in devices:
+            combo.addItem(label, value)
+        combo.blockSignals(wasBlocked)
+        self._showDevice()
+
+    def _showDevice(self) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        combo = self.ui.deviceComboBox
+        index = combo.findData(p.device)
+        wasBlocked = combo.blockSignals(True)
+        if index < 0:  # a device saved with the scene that this machine has not (yet) reported
+            combo.addItem(p.device, p.device)
+            index = combo.count - 1
+        combo.currentIndex = index
+        combo.blockSignals(wasBlocked)
+
+    def _onDeviceChosen(self, index) -> None:
+        value = self.ui.deviceComboBox.itemData(index)
+        if self._parameterNode is not None and value and self._parameterNode.device != value:
+            self._parameterNode.device = value
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -253,6 +385,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.volumesWidget.setVisible(mode == "scene volumes")
         self.ui.geometryWidget.setVisible(mode != "case folder")
         self.ui.pythonExecutablePathLineEdit.setEnabled(p.useExternalPython)
+        self._applyThresholdRange()
+        self._showDevice()
         self._updateButtons()
 
     def _inputsComplete(self) -> bool:
@@ -266,6 +400,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self) -> None:
         p = self._parameterNode
         running = self._job is not None and self._job.running
+        busy = running or self._installing or (self._job is not None and self._job.loading)
+        checking = self._task is not None
         if running:
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the reconstruction; a checkpoint is saved so that it can resume")
@@ -273,52 +409,89 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.applyButton.text = _("Reconstruct")
             self.ui.applyButton.toolTip = _("Start the reconstruction in a background process")
-            self.ui.applyButton.enabled = bool(p) and self._inputsComplete()
+            self.ui.applyButton.enabled = bool(p) and self._inputsComplete() and not busy
         resumable = bool(p and p.lastRunFolder and find_checkpoint(p.lastRunFolder)
                          and os.path.isfile(os.path.join(p.lastRunFolder, "drgs4d_request.json")))
-        self.ui.resumeButton.enabled = (not running) and resumable
+        self.ui.resumeButton.enabled = (not busy) and resumable
+        self.ui.checkInputsButton.enabled = not busy and not checking
+        self.ui.checkPythonButton.enabled = not busy and not checking
         hasResult = bool(p and p.resultVolume is not None)
         for button in (self.ui.applyThresholdButton, self.ui.exportLabelmapButton, self.ui.exportFilesButton):
-            button.enabled = hasResult and not running
+            button.enabled = hasResult and not busy
         for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
-            widget.enabled = not running
+            widget.enabled = not busy
 
     def _askUser(self, title: str, text: str) -> bool:
         return slicer.util.confirmOkCancelDisplay(text, title)
 
-    # -- actions --
+    def _canRunEngine(self, quiet: bool = False) -> bool:
+        """Slicer's own Python can run the engine, or an external one is chosen."""
+        p = self._parameterNode
+        if engineRunsInThisPython() or (p is not None and p.useExternalPython):
+            return True
+        if not quiet:
+            slicer.util.errorDisplay(pythonTooOldMessage(), windowTitle=_("DRGS4D"))
+        return False
+
+    # -- background checks --
+    def _startTask(self, kind: str, command) -> None:
+        self._task = (kind, command)
+        self._timer.start()
+        self._updateButtons()
+
     def onCheckInputs(self) -> None:
         p = self._parameterNode
-        self.ui.inputSummaryLabel.text = _("Reading the inputs...")
-        slicer.app.processEvents()
+        if self._task is not None or not self._canRunEngine():
+            return
         try:
-            if not p.useExternalPython:
-                self.logic.ensureDependencies(self._askUser)  # the engine reads the runs
-            with slicer.util.WaitCursor():
-                summary = self.logic.describeInputs(p)
-        except (inputs.InputProblem, deps.DependencyError) as exc:
+            command = self.logic.startDescribe(p)
+        except inputs.InputProblem as exc:
             self.ui.inputSummaryLabel.text = str(exc)
             return
         except Exception as exc:  # noqa: BLE001
             self.ui.inputSummaryLabel.text = inputs.readable_error(exc)
             logging.error(traceback.format_exc())
             return
-        self.ui.inputSummaryLabel.text = inputs.format_summary(summary)
-        p.nFrames = int(summary["n_frames"])
-        self._applyCaseLimits()
+        self.ui.inputSummaryLabel.text = _("Reading the inputs in the background...")
+        self._startTask("describe", command)
 
     def onCheckPython(self) -> None:
-        p = self._parameterNode
-        with slicer.util.WaitCursor():
-            event = self.logic.probePython(p)
-        if event.get("event") != "probe":
-            self.ui.deviceInfoLabel.text = event.get("message", _("The Python environment could not be checked."))
+        if self._task is not None or not self._canRunEngine():
             return
-        gpus = ", ".join(f"cuda:{g['index']} {g['name']} ({g['memory_gb']} GB)" for g in event.get("cuda", []))
-        torchText = event.get("torch") or _("not installed")
-        self.ui.deviceInfoLabel.text = (f"Python {event.get('python')}, drgs_core {event.get('drgs_core')}, "
-                                        f"PyTorch {torchText}. GPUs: {gpus or _('none (CPU only)')}")
+        command = self.logic.startProbe(self._parameterNode)
+        self.ui.deviceInfoLabel.text = _("Checking the Python environment and the GPUs in the background...")
+        self._startTask("probe", command)
 
+    def _onTaskDone(self, kind: str, event: dict) -> None:
+        if kind == "describe":
+            self._onDescribed(event)
+        else:
+            self._onProbed(event)
+
+    def _onDescribed(self, event: dict) -> None:
+        if event.get("event") != "described":
+            self.ui.inputSummaryLabel.text = event.get("message") or _("The inputs could not be read.")
+            return
+        summary = event["case"]
+        self.ui.inputSummaryLabel.text = inputs.format_summary(summary)
+        p = self._params()
+        p.nFrames = int(summary["n_frames"])
+        if self._parameterNode is not None:
+            self._applyCaseLimits()
+
+    def _onProbed(self, event: dict) -> None:
+        if event.get("event") != "probe":
+            self.ui.deviceInfoLabel.text = event.get("message") or _("The Python environment could not be checked.")
+            return
+        self._probe = event
+        gpus = event.get("cuda") or []
+        self._setDeviceChoices([("auto", _("auto")), ("cpu", _("CPU"))] + [
+            ("cuda:{index}".format(index=g["index"]),
+             _("GPU {index}: {name} ({memory} GB)").format(index=g["index"], name=g["name"], memory=g["memory_gb"]))
+            for g in gpus])
+        self.ui.deviceInfoLabel.text = describeProbe(event)
+
+    # -- actions --
     def onApplyButton(self) -> None:
         if self._job is not None and self._job.running:
             self._job.cancel()
@@ -330,22 +503,49 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onResumeButton(self) -> None:
         self._start(resume=True)
 
+    def _confirmDevice(self) -> bool:
+        """No CUDA GPU found: say so and let the user choose to run on the CPU (slow) or not at all."""
+        p = self._parameterNode
+        if self._probe is None or self._probe.get("cuda") or p.device == "cpu":
+            return True
+        if not self._askUser(_("DRGS4D: no CUDA GPU found"), _(
+                "No CUDA GPU was found in this Python environment, so the reconstruction would run on the CPU. That "
+                "is practical only for the 'demo' and 'tiny' problem sizes (Advanced); a full case takes hours.\n\n"
+                "Run on the CPU anyway?")):
+            return False
+        p.device = "cpu"
+        return True
+
+    def _ensureDependencies(self) -> None:
+        """Install the engine's packages into Slicer's Python after asking; every button is off meanwhile."""
+        self._installing = True
+        self._updateButtons()
+        slicer.app.processEvents()
+        try:
+            self.logic.ensureDependencies(self._askUser)
+        finally:
+            self._installing = False
+            self._updateButtons()
+
     def _start(self, resume: bool) -> None:
         p = self._parameterNode
+        if not self._canRunEngine() or not self._confirmDevice():
+            return
         try:
             if not p.useExternalPython:
-                self.logic.ensureDependencies(self._askUser)
+                self._ensureDependencies()
             if resume:
-                job = self.logic.resumeReconstruction(p, onPreviewVolume=self._onPreviewVolume)
+                job = self.logic.resumeReconstruction(p)
             else:
-                job = self.logic.startReconstruction(p, onPreviewVolume=self._onPreviewVolume)
+                job = self.logic.startReconstruction(p)
         except (inputs.InputProblem, deps.DependencyError) as exc:
             slicer.util.errorDisplay(str(exc), windowTitle=_("DRGS4D"))
             return
         except Exception as exc:  # noqa: BLE001
-            slicer.util.errorDisplay(_("The reconstruction could not be started: ") + inputs.readable_error(exc),
-                                     windowTitle=_("DRGS4D"), detailedText=traceback.format_exc())
+            slicer.util.errorDisplay(_("The reconstruction could not be started: {reason}").format(
+                reason=inputs.readable_error(exc)), windowTitle=_("DRGS4D"), detailedText=traceback.format_exc())
             return
+        job.updater.on_preview_volume = self._onPreviewVolume
         job.on_event = self._onJobEvent
         self._job = job
         p.lastRunFolder = str(job.run_dir)
@@ -356,70 +556,74 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _onPreviewVolume(self, node) -> None:
+        """The preview volume was created: show it once; later previews update it in place and keep the user's
+        window/level, slice layers and volume-rendering settings."""
         slicer.util.setSliceViewerLayers(background=node, fit=True)
-        if self._parameterNode and self._parameterNode.showVolumeRendering:
+        if self._params().showVolumeRendering:
             self.logic.showVolumeRendering(node)
 
     def _onJobEvent(self, event: dict) -> None:
         name = event.get("event")
         if name in ("log", "output"):
             self.ui.logTextEdit.appendPlainText(event.get("line", ""))
-        elif name == "snapshot" and self._parameterNode and self._parameterNode.showVolumeRendering:
-            node = self._job.updater.node("preview_volume")
-            if node is not None:
-                self.logic.showVolumeRendering(node)  # follow the growing value range
 
     def onPollWorker(self) -> None:
+        """Timer tick: apply what the worker reported, load at most one piece of the results, finish background
+        checks.  Each tick stays short (see Testing/slicer/test_widget.py)."""
+        if self._task is not None:
+            kind, command = self._task
+            event = command.poll()
+            if event is not None:
+                self._task = None
+                self._onTaskDone(kind, event)
+                self._updateButtons()
         job = self._job
-        if job is None:
+        if job is not None:
+            try:
+                job.poll()
+            except Exception:  # noqa: BLE001 - the timer must keep running
+                logging.error(traceback.format_exc())
+            self.ui.progressBar.value = int(round(100 * job.state.fraction))
+            self.ui.statusLabel.text = job.state.text
+            if job.finished:
+                self._job = None
+                self._onJobFinished(job)
+            self._updateButtons()
+        if self._task is None and self._job is None:
             self._timer.stop()
-            return
-        try:
-            job.poll()
-        except Exception:  # noqa: BLE001 - the timer must keep running
-            logging.error(traceback.format_exc())
-        self.ui.progressBar.value = int(round(100 * job.state.fraction))
-        self.ui.statusLabel.text = job.state.text
-        if job.worker is not None and job.worker.finished():
-            self._timer.stop()
-            self._onJobFinished(job)
-        self._updateButtons()
 
     def _onJobFinished(self, job) -> None:
-        p = self._parameterNode
+        p = self._params()
         st = job.state
         if st.status == "done":
             volume = job.updater.node("volume")
-            if p is not None and volume is not None:
+            if volume is not None:
                 p.resultVolume = volume
                 p.resultSegmentation = job.updater.node("segmentation")
-                self._setThresholdRange(volume)
                 if job.updater.threshold is not None:
                     p.threshold = job.updater.threshold
                 slicer.util.setSliceViewerLayers(background=volume, fit=True)
                 if p.showVolumeRendering:
                     self.logic.showVolumeRendering(volume)
+            renders = job.updater.node("renders_proxy")
+            if renders is not None:
+                self.logic.showImageInSliceView(renders, "Yellow")
             elapsed = st.metrics.get("total_s")
-            self.ui.statusLabel.text = _("Finished") + (f" in {elapsed:.0f} s" if elapsed else "") + \
-                f". Results: {st.run_dir}"
+            self.ui.statusLabel.text = (
+                _("Finished in {seconds} s. Results: {folder}").format(seconds=f"{elapsed:.0f}", folder=st.run_dir)
+                if elapsed else _("Finished. Results: {folder}").format(folder=st.run_dir))
         elif st.status == "cancelled":
             self.ui.statusLabel.text = (_("Cancelled. Press Resume to continue from the checkpoint.")
                                         if st.checkpoint else _("Cancelled."))
         else:
             error = st.error or {}
             message = error.get("message") or _("The reconstruction process stopped unexpectedly.")
-            self.ui.statusLabel.text = _("Failed: ") + message.splitlines()[0]
+            self.ui.statusLabel.text = _("Failed: {reason}").format(reason=message.splitlines()[0])
             details = error.get("traceback") or "\n".join(job.log_lines[-40:])
             if error.get("kind") == "input":
                 slicer.util.errorDisplay(message, windowTitle=_("DRGS4D: please check the inputs"))
             else:
                 slicer.util.errorDisplay(message, windowTitle=_("DRGS4D"), detailedText=details)
-
-    def _setThresholdRange(self, volume) -> None:
-        array = slicer.util.arrayFromVolume(volume)
-        top = float(array.max()) if array.size else 1.0
-        self.ui.thresholdSliderWidget.maximum = max(top, 1e-6)
-        self.ui.thresholdSliderWidget.singleStep = max(top / 500.0, 1e-6)
 
     def onApplyThreshold(self) -> None:
         p = self._parameterNode
@@ -430,7 +634,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
             return
         p.resultSegmentation = segmentation
-        self.ui.statusLabel.text = f"{count:,} vessel voxels at threshold {p.threshold:g} 1/mm"
+        self.ui.statusLabel.text = _("{count} vessel voxels at threshold {threshold} 1/mm").format(
+            count=f"{count:,}", threshold=f"{p.threshold:g}")
 
     def onExportLabelmap(self) -> None:
         p = self._parameterNode
@@ -439,7 +644,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # noqa: BLE001
             slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
             return
-        self.ui.statusLabel.text = _("Exported to ") + labelmap.GetName()
+        self.ui.statusLabel.text = _("Exported to {name}").format(name=labelmap.GetName())
 
     def onExportFiles(self) -> None:
         p = self._parameterNode
@@ -448,7 +653,32 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # noqa: BLE001
             slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
             return
-        slicer.util.infoDisplay(_("Written:") + "\n" + "\n".join(files), windowTitle=_("DRGS4D"))
+        slicer.util.infoDisplay(_("Written:\n{files}").format(files="\n".join(files)), windowTitle=_("DRGS4D"))
+
+
+def describeProbe(event: dict) -> str:
+    """The panel's text for a probe event: versions, GPUs, which render backend runs and how long a run takes."""
+    lines = [_("Python {python}, drgs_core {engine}, PyTorch {torch}.").format(
+        python=event.get("python"), engine=event.get("drgs_core"), torch=event.get("torch") or _("not installed"))]
+    if event.get("problem"):
+        lines.append(event["problem"])
+    gpus = event.get("cuda") or []
+    if not gpus and event.get("torch"):
+        lines.append(_("No CUDA GPU found: the reconstruction can run on the CPU, which suits only the 'demo' and "
+                       "'tiny' problem sizes. For full cases install a CUDA build of PyTorch (PyTorch Utils module) "
+                       "on a machine with an NVIDIA GPU."))
+    backend = event.get("backend")
+    if backend:
+        names = {"cuda": _("DRGS4D CUDA kernels"), "torch": _("PyTorch reference renderer (slower)")}
+        if event.get("fast_run_s"):
+            lines.append(_("Renderer: {backend} on {device}; a 'fast' run of a full-size case takes about "
+                           "{duration}.").format(backend=names.get(backend, backend),
+                                                 device=event.get("backend_device"),
+                                                 duration=protocol.format_duration(event["fast_run_s"])))
+        else:
+            lines.append(_("Renderer: {backend} on {device}.").format(backend=names.get(backend, backend),
+                                                                      device=event.get("backend_device")))
+    return "\n".join(lines)
 
 
 #
@@ -486,11 +716,12 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
     def _python(p):
         return (_path(p.pythonExecutable) if p.useExternalPython else None), bool(p.useExternalPython)
 
-    def probePython(self, p) -> dict:
-        python, external = self._python(p)
+    def startProbe(self, p) -> process.WorkerCommand:
+        """``--probe`` in the background: Python, torch, CUDA devices, render backend (poll the result)."""
+        python, external = self._python(p) if p is not None else (None, False)
         if external and not python:
-            return {"event": "error", "message": _("Choose the python executable of the external environment.")}
-        return process.run_worker_command(["--probe"], python=python, external=external, timeout=180)
+            raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        return process.WorkerCommand(["--probe"], python=python, external=external, timeout=300)
 
     # -- inputs --
     @staticmethod
@@ -516,10 +747,17 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         mask = inputs.export_volume_node(p.maskVolume, exportFolder, "mask_run")
         return inputs.input_request(fill=fill, mask=mask, geometry=_path(p.geometryFile))
 
-    def describeInputs(self, p) -> dict:
+    def startDescribe(self, p) -> process.WorkerCommand:
+        """``--describe`` of the chosen inputs in the background (scene volumes are exported first)."""
         python, external = self._python(p)
-        folder = os.path.join(slicer.app.temporaryPath, "DRGS4D-inputs")
-        return inputs.describe_inputs(self.inputRequest(p, folder), python=python, external=external)
+        if external and not python:
+            raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
+        request = self.inputRequest(p, folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "describe_request.json"
+        path.write_text(json.dumps(request), encoding="utf-8")
+        return process.WorkerCommand(["--describe", str(path)], python=python, external=external, timeout=300)
 
     # -- runs --
     def startReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:
@@ -595,15 +833,31 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         return updater.export_segmentation_files(folder)
 
     @staticmethod
+    def showImageInSliceView(imageNode, viewName: str = "Yellow") -> None:
+        """Show a 2D image sequence's frame (e.g. the rendered DSA) alone in one slice view, facing it."""
+        layoutManager = getattr(slicer.app, "layoutManager", lambda: None)()
+        sliceWidget = layoutManager.sliceWidget(viewName) if layoutManager is not None else None
+        if sliceWidget is None:
+            return
+        sliceWidget.mrmlSliceCompositeNode().SetBackgroundVolumeID(imageNode.GetID())
+        sliceWidget.mrmlSliceCompositeNode().SetForegroundVolumeID(None)
+        sliceWidget.mrmlSliceNode().SetOrientation("Axial")  # the frames lie in the IJ (axial) plane
+        sliceWidget.sliceLogic().FitSliceToAll()
+
+    @staticmethod
     def showVolumeRendering(volumeNode) -> None:
-        """Volume rendering with a transfer function scaled to the current value range (attenuation, 1/mm)."""
+        """Show ``volumeNode`` with volume rendering.  The transfer function is chosen once, when the display node is
+        created (scaled to the values then, attenuation in 1/mm); later calls only make it visible, so the user's
+        own adjustments - and a preview that grows brighter while training - keep it."""
         vrLogic = slicer.modules.volumerendering.logic()
         displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
-        if displayNode is None:
-            displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
+        if displayNode is not None:
+            displayNode.SetVisibility(True)
+            return
+        displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
         displayNode.SetVisibility(True)
-        array = slicer.util.arrayFromVolume(volumeNode)
-        top = float(array.max()) if array.size else 0.0
+        image = volumeNode.GetImageData()
+        top = float(image.GetScalarRange()[1]) if image is not None else 0.0
         if top <= 0:
             return
         volumeProperty = displayNode.GetVolumePropertyNode().GetVolumeProperty()
@@ -633,6 +887,9 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if not engineRunsInThisPython():
+            self.delayDisplay(_("Skipped: {reason}").format(reason=pythonTooOldMessage()))
+            return
         self.setUp()
         self.test_BrokenInputIsReadable()
         self.setUp()
@@ -640,7 +897,7 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
 
     def _wait(self, job, timeout=600.0):
         deadline = time.time() + timeout
-        while not (job.worker is not None and job.worker.finished()):
+        while not job.finished:
             job.poll()
             slicer.app.processEvents()
             if time.time() > deadline:
@@ -654,8 +911,9 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
             import torch  # noqa: F401
             import drgs_core.pipeline  # noqa: F401
         except ImportError as exc:
-            self.delayDisplay(f"Skipped: the engine cannot be imported in Slicer's Python ({exc}). "
-                              "Press Reconstruct in the panel once to install its dependencies.")
+            self.delayDisplay(_("Skipped the reconstruction: the engine cannot be imported in Slicer's Python "
+                                "({reason}). Press Reconstruct in the DRGS4D panel once to install PyTorch and the "
+                                "other dependencies.").format(reason=exc))
             return False
         return True
 
@@ -684,7 +942,7 @@ class DRGS4DSlicerTest(ScriptedLoadableModuleTest):
         logic = DRGS4DSlicerLogic()
         snapshots = []
         job = logic.startRequest(selftest.tiny_request(case, str(out)), out, "tiny")
-        job.on_event = lambda e: snapshots.append(e["iteration"]) if e.get("event") == "snapshot" else None
+        job.on_event = lambda e: snapshots.append(e["iteration"]) if e.get("event") == "preview_applied" else None
         self.delayDisplay("Reconstructing on the CPU")
         state = self._wait(job)
         self.assertEqual(state.status, "done", msg=str(state.error))

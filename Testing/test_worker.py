@@ -269,8 +269,55 @@ def test_process_bad_request_file_is_input_error(tmp_path, env):
     bad.write_text("{not json")
     done = _run_worker(["--config", str(bad)], env)
     assert done.returncode == 2
-    (event,) = _lines(done.stdout)
+    hello, event = _lines(done.stdout)
+    assert hello["event"] == "worker" and isinstance(hello["pid"], int)  # a run's first event names its pid
     assert event["kind"] == "input" and "not valid JSON" in event["message"]
+
+
+# ---- an interpreter without the engine's dependencies (the extensions build machines have no torch) ------------
+
+_NO_TORCH = "import sys\nsys.modules['torch'] = None  # import torch raises ImportError\nfrom drgs_core import worker\n"
+
+
+def _run_without_torch(args, env):
+    code = _NO_TORCH + f"sys.exit(worker.main({list(args)!r}))\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, timeout=120, cwd=str(REPO))
+
+
+def test_missing_dependency_is_an_input_error_that_says_what_to_do(tiny_case, tmp_path, env):
+    req = _write_request(tmp_path, _request(tiny_case, tmp_path / "run"))
+    for args in (["--config", req], ["--describe", req]):
+        done = _run_without_torch(args, env)
+        assert done.returncode == worker.EXIT_INPUT, done.stderr.decode()[-2000:]
+        event = _lines(done.stdout)[-1]
+        assert event["event"] == "error" and event["kind"] == "input", event
+        assert "'torch'" in event["message"] and "What to do" in event["message"]
+        assert "Traceback" not in event["message"]
+
+
+def test_probe_without_torch_explains_instead_of_failing(env):
+    done = _run_without_torch(["--probe"], env)
+    assert done.returncode == 0
+    (event,) = _lines(done.stdout)
+    assert event["event"] == "probe" and event["torch"] is None and event["backend"] is None
+    assert "'torch'" in event["problem"]
+
+
+def test_probe_names_the_backend_and_a_time_only_where_known(env):
+    done = _run_worker(["--probe"], env)
+    (event,) = _lines(done.stdout)
+    import torch
+
+    from drgs_core.render import active_backend
+
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert event["backend"] == active_backend(device) and event["backend_device"] == device
+    assert len(event["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    # the rough figure exists for GPUs only, from the rates in worker.EXPECTED_IT_PER_S
+    assert worker.expected_speed("cuda", "cuda") == {"it_per_s": 700.0, "fast_run_s": round(10000 / 700 + 15)}
+    assert worker.expected_speed("torch", "cpu") == {"it_per_s": None, "fast_run_s": None}
+    if device == "cpu":
+        assert event["it_per_s"] is None and event["fast_run_s"] is None
 
 
 def _wait_for_event(proc, name, accept=lambda event: True):

@@ -39,6 +39,7 @@ from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_is
 from .model.gaussians import GaussianModel
 from .specks import drop_specks
 from .model.serialize import save_json, save_model, write_gaussians_ply
+from .preview import write_preview
 from .render import active_backend, rasterize, voxelize
 from .train import train
 
@@ -388,31 +389,15 @@ def _init_model(cfg, case, fdk_vol, dsa_train, train_idx, checkpoint: Path, devi
 
 
 def _snapshotter(cfg, model, case, out: Path):
-    """snapshot(it) for train(): a preview volume and mesh in out/snapshots.
+    """snapshot(it) for train(): a small preview volume and mesh in out/snapshots (drgs_core.preview).
 
     The files of the latest two snapshots are kept, so the files an event names exist at least until the next
     snapshot event."""
-    written: list[list[Path]] = []
 
     def snapshot(it: int) -> dict:
-        snap = out / "snapshots"
-        snap.mkdir(exist_ok=True)
         vol = mean_volume(model, case.times).cpu().numpy()
-        vpath, mpath = snap / f"volume_{it:06d}.nii.gz", snap / f"mesh_{it:06d}.vtk"
-        write_volume(vpath, vol, case.grid)
         level = cfg.iso_level if cfg.iso_level is not None else vessel_iso_level(vol)
-        result = {"volume": str(vpath), "mesh": None, "iso_level": float(level)}
-        files = [vpath]
-        if level > 0 and vol.max() > level:
-            verts, faces = mesh_from_volume(vol, case.grid, level)
-            write_mesh(mpath, verts, faces)
-            result["mesh"] = str(mpath)
-            files.append(mpath)
-        written.append(files)
-        while len(written) > 2:
-            for old in written.pop(0):
-                old.unlink(missing_ok=True)
-        return result
+        return write_preview(out / "snapshots", it, vol, case.grid, level)
 
     return snapshot
 

@@ -4,17 +4,21 @@
     python -m drgs_core.worker --version | --probe
     python -m drgs_core.worker --describe REQUEST.json
     python -m drgs_core.worker --list-dicom PATH [PATH ...]
+    python -m drgs_core.worker --make-phantom FOLDER [--phantom-options JSON]
 
 Protocol (version ``PROTOCOL_VERSION``): stdout carries one JSON object per line and nothing else; every object has
-``"protocol": 1`` and ``"event"`` (started, progress, snapshot, done, cancelled, error, or for the utility commands
-version, probe, described, dicom_runs).  Each line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
+``"protocol": 1`` and ``"event"`` (worker - the first event of a run, with the interpreter's pid -, started, progress,
+snapshot, done, cancelled, error, or for the utility commands version, probe, described, dicom_runs, phantom).  Each
+line is flushed as soon as it is written.  Logging goes to stderr.  Output that a
 library prints to stdout by accident is diverted to stderr at the file-descriptor level, so the event stream stays
 clean.
 
 REQUEST.json holds a ``ReconstructConfig`` as a JSON object (``ReconstructConfig.to_dict()``).
 
 Stopping: SIGTERM or SIGINT (CTRL_BREAK on Windows), or with ``--watch-stdin`` the line ``cancel`` on stdin or stdin
-reaching end of file (the panel went away), sets a stop flag.  During training the pipeline then writes a checkpoint
+reaching end of file (the panel went away), sets a stop flag.  Under a launcher (Slicer's PythonSlicer) a front end
+writes ``cancel`` first and signals the pid of the ``worker`` event, never the launcher.  A missing third-party
+package (e.g. torch) is an ``input`` error that says what to do.  During training the pipeline then writes a checkpoint
 and reports ``cancelled`` with its path; a later run of the same request with ``"resume": true`` continues from it.
 A stop before training reports ``cancelled`` with ``"checkpoint": null`` (nothing to resume).
 
@@ -131,6 +135,9 @@ def error_event(exc: BaseException) -> tuple[dict, int]:
 
     if isinstance(exc, DRGSInputError):
         return {"event": "error", "kind": "input", "message": str(exc)}, EXIT_INPUT
+    missing = missing_dependency(exc)
+    if missing:
+        return {"event": "error", "kind": "input", "message": missing_dependency_message(missing)}, EXIT_INPUT
     if _is_out_of_memory(exc):
         message = ("Out of memory: " + (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                    + ". What to do: use fewer training views, a smaller volume grid, the 'fast' schedule, "
@@ -140,6 +147,25 @@ def error_event(exc: BaseException) -> tuple[dict, int]:
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return ({"event": "error", "kind": "internal", "message": message,
              "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}, EXIT_INTERNAL)
+
+
+def missing_dependency(exc: BaseException) -> str | None:
+    """The top-level name of a third-party package the engine could not import, or None.
+
+    A missing ``drgs_core`` module is a broken installation (internal), not a missing dependency.
+    """
+    if not isinstance(exc, ImportError) or not getattr(exc, "name", None):
+        return None
+    top = exc.name.split(".")[0]
+    return None if top == "drgs_core" else top
+
+
+def missing_dependency_message(package: str) -> str:
+    """What the user reads when this interpreter lacks an engine dependency (e.g. torch on a build machine)."""
+    return (f"The reconstruction engine needs the Python package '{package}', which is not installed in "
+            f"{sys.executable} (Python {sys.version.split()[0]}). What to do: in 3D Slicer press Reconstruct once "
+            "and accept the installation (PyTorch comes through the PyTorch extension), or choose an external "
+            "Python environment where 'pip install drgs4d' (or 'pip install -e <DRGS4D source>') was run.")
 
 
 # ---- the job -------------------------------------------------------------------------------------------------------
@@ -216,11 +242,26 @@ def version_event() -> dict:
             "executable": sys.executable}
 
 
+# Rough training speed on a paper-scale case (512^2 detector, 256^3 grid; bench/RESULTS.md): the CUDA kernels on one
+# recent data-centre GPU, and the PyTorch reference path on a GPU, 55-80x slower.  Only an order of magnitude.
+EXPECTED_IT_PER_S = {"cuda": 700.0, "torch-gpu": 10.0}
+FAST_ITERATIONS = 10000
+
+
+def expected_speed(backend: str, device_type: str) -> dict:
+    """``{"it_per_s", "fast_run_s"}`` for a backend on a device type; None values when no figure exists (CPU)."""
+    key = "cuda" if backend == "cuda" else ("torch-gpu" if device_type == "cuda" else None)
+    rate = EXPECTED_IT_PER_S.get(key) if key else None
+    return {"it_per_s": rate, "fast_run_s": None if rate is None else round(FAST_ITERATIONS / rate + 15.0)}
+
+
 def probe_event() -> dict:
-    """What this interpreter can run: torch version and CUDA devices (imports torch, so it takes a moment)."""
+    """What this interpreter can run: torch version, CUDA devices, the render backend ``device="auto"`` would use
+    (``drgs_core.render.active_backend``) and a rough time for a ``fast`` run.  Imports torch: takes a moment."""
     event = version_event()
     event["event"] = "probe"
-    event.update(torch=None, cuda=[], problem=None)
+    event.update(torch=None, cuda=[], problem=None, backend=None, backend_device=None, it_per_s=None,
+                 fast_run_s=None)
     try:
         import torch
 
@@ -230,8 +271,15 @@ def probe_event() -> dict:
                 props = torch.cuda.get_device_properties(i)
                 event["cuda"].append({"index": i, "name": props.name,
                                       "memory_gb": round(props.total_memory / 2**30, 1)})
+        from .render import active_backend
+
+        device = "cuda:0" if event["cuda"] else "cpu"
+        event["backend"] = active_backend(device)
+        event["backend_device"] = device
+        event.update(expected_speed(event["backend"], device.split(":")[0]))
     except Exception as exc:  # noqa: BLE001
-        event["problem"] = f"{type(exc).__name__}: {exc}"
+        missing = missing_dependency(exc)
+        event["problem"] = missing_dependency_message(missing) if missing else f"{type(exc).__name__}: {exc}"
     return event
 
 
@@ -293,7 +341,29 @@ def list_dicom(paths: list[str]) -> tuple[dict, int]:
         return error_event(exc)
 
 
+def make_phantom(folder: str, options_json: str | None) -> tuple[dict, int]:
+    """Write a demo phantom case folder (``preset("demo", **options)``); a ``phantom`` event names it."""
+    try:
+        from .phantom import make_phantom as build, preset, write_phantom
+
+        options = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to the tuples the config holds
+                   for k, v in (json.loads(options_json) if options_json else {}).items()}
+        if not os.path.isfile(os.path.join(folder, "transforms.json")):
+            write_phantom(build(preset("demo", **options)), folder)
+        return {"event": "phantom", "case": os.fspath(folder)}, EXIT_DONE
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+            raise
+        return error_event(exc)
+
+
 # ---- process plumbing ----------------------------------------------------------------------------------------------
+
+def hello_event() -> dict:
+    """First event of a run: the pid of this interpreter, which a front end signals on cancel (under a launcher such
+    as PythonSlicer the process it started is the launcher, not this one)."""
+    return {"event": "worker", "pid": os.getpid(), "python": sys.version.split()[0]}
+
 
 def _protocol_stream():
     """Keep the real stdout for events only; send fd 1 (stray prints, C libraries) to stderr."""
@@ -356,6 +426,8 @@ def main(argv=None) -> int:
     parser.add_argument("--list-dicom", nargs="+", metavar="PATH",
                         help="print a 'dicom_runs' event: the XA runs and mask/fill pairs in these folders / files "
                              "(a .txt file lists paths)")
+    parser.add_argument("--make-phantom", metavar="FOLDER", help="write the demo phantom case into FOLDER")
+    parser.add_argument("--phantom-options", metavar="JSON", help="keyword arguments of phantom.preset('demo', ...)")
     parser.add_argument("--watch-stdin", action="store_true",
                         help="stop when stdin says 'cancel' or closes (used by the Slicer panel)")
     parser.add_argument("--new-session", action="store_true",
@@ -381,6 +453,10 @@ def main(argv=None) -> int:
         event, code = list_dicom(args.list_dicom)
         emit(event)
         return code
+    if args.make_phantom:
+        event, code = make_phantom(args.make_phantom, args.phantom_options)
+        emit(event)
+        return code
     if args.describe:
         try:
             request = read_request(args.describe)
@@ -400,6 +476,7 @@ def main(argv=None) -> int:
     _install_stop_handlers(stop)
     if args.watch_stdin:
         _watch_stdin(stop)
+    emit(hello_event())
     try:
         request = read_request(args.config)
     except Exception as exc:  # noqa: BLE001

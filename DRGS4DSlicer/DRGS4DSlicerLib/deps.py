@@ -1,9 +1,11 @@
 """First-use installation of the engine's Python dependencies into Slicer's Python.
 
 Nothing is installed without asking: the panel injects an ``ask(title, text) -> bool`` function (a Qt dialog in
-Slicer, a stub in tests).  PyTorch comes through the PyTorch Utils extension when it is installed (it picks the wheel
-that matches the GPU driver); the other packages through ``slicer.packaging.pip_ensure`` where this Slicer has it,
-else ``slicer.util.pip_install``.  An external Python environment is never modified: the panel only probes it.
+Slicer, a stub in tests).  PyTorch comes through the PyTorch extension's PyTorch Utils (the extension depends on it:
+``EXTENSION_DEPENDS PyTorch``), which picks the wheel that matches the GPU driver; plain pip is only a fallback for a
+source checkout without that extension.  The other packages go through ``slicer.packaging.pip_ensure``, which first
+ships with Slicer 5.12, else ``slicer.util.pip_install`` (Slicer 5.10).  An external Python environment is never
+modified: the panel only probes it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Inputs for the panel: describe a case, turn engine errors into readable text, export scene volumes for the worker.
 
 A case is either a case folder (METHOD §2) or fill + mask runs (files, or volume nodes already in the scene) plus a
-``transforms.json``-style geometry file.  Describing it uses ``drgs_core`` in this interpreter when it can be
-imported, otherwise the worker's ``--describe`` command in the chosen interpreter, so the panel works the same with
-Slicer's Python and with an external environment.
+``transforms.json``-style geometry file.  Describing it is the worker's ``--describe`` command in the chosen
+interpreter (never in Slicer's own process), so the panel works the same with Slicer's Python and with an external
+environment.
 """
 
 from __future__ import annotations
@@ -58,26 +58,14 @@ def input_request(case: str | None = None, fill: str | None = None, mask: str | 
     return {"fill": os.fspath(fill), "mask": os.fspath(mask), "geometry": os.fspath(geometry)}
 
 
-def _describe_in_process(request: dict) -> dict:
-    process.ensure_engine_importable()
-    from drgs_core import worker  # imports torch through drgs_core.geometry
-
-    return worker.summarize_case(worker.load_case_for_request(request))
-
-
 def describe_inputs(request: dict, python: str | None = None, external: bool = False,
                     timeout: float = 300.0) -> dict:
-    """Read the inputs and return a summary dict (see ``drgs_core.worker.summarize_case``).
+    """Read the inputs with the worker's ``--describe`` and return its summary (``drgs_core.worker.summarize_case``).
 
-    Raises ``InputProblem`` with a readable message for anything wrong with the inputs.
+    Blocking (scripts, tests); the panel runs the same command in the background (``process.WorkerCommand``), so that
+    neither reading the runs nor importing torch happens in Slicer's process.  Raises ``InputProblem`` with a readable
+    message for anything wrong with the inputs.
     """
-    if not external:
-        try:
-            return _describe_in_process(request)
-        except ImportError as exc:
-            log.info("describing through the worker (%s)", exc)
-        except Exception as exc:  # noqa: BLE001 - every problem becomes a readable message
-            raise InputProblem(readable_error(exc)) from None
     with tempfile.TemporaryDirectory(prefix="drgs4d-describe-") as tmp:
         path = os.path.join(tmp, "request.json")
         with open(path, "w", encoding="utf-8") as fh:

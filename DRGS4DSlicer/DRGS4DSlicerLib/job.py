@@ -1,7 +1,8 @@
 """One reconstruction run as the panel sees it: request file, worker process, scene updates, state.
 
 ``ReconstructionJob`` is driven by polling (the panel's QTimer calls ``poll()``; tests call it in a loop), so nothing
-here blocks or needs Qt.
+here blocks or needs Qt.  After ``done`` the results are loaded one piece per ``poll()``: each piece's files are read in
+a background thread and only its scene changes run in the caller's (Slicer's main) thread.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import process, protocol
-from .scene import SceneUpdater
+from .scene import LoadStep, SceneUpdater, read_preview
 
 log = logging.getLogger("DRGS4D.job")
 
@@ -60,7 +62,7 @@ def find_checkpoint(run_dir: str | os.PathLike) -> str | None:
 
 @dataclass
 class JobState:
-    status: str = "idle"  # idle | running | cancelling | done | cancelled | failed
+    status: str = "idle"  # idle | running | cancelling | loading | done | cancelled | failed
     stage: str | None = None
     fraction: float = 0.0
     text: str = ""
@@ -84,7 +86,8 @@ class ReconstructionJob:
     """Run ``request`` (a ReconstructConfig dict) in a worker process and stream its results into ``scene``.
 
     ``load_options`` go to ``SceneUpdater.load_outputs`` (load_sequence, load_renders, threshold, ...).
-    ``on_event(event)`` is called for every event after the scene has been updated.
+    ``on_event(event)`` is called for every worker event, and with ``{"event": "preview_applied", "iteration"}``
+    once a snapshot's files are in the scene (they are read in a background thread).
     """
 
     def __init__(self, scene, request: dict, run_dir: str | os.PathLike, name: str = "DRGS4D",
@@ -108,6 +111,10 @@ class ReconstructionJob:
         self.updater = SceneUpdater(scene, run_name=name, run_dir=str(self.run_dir), **(updater_kwargs or {}))
         self.scene_updates = True  # set False when the scene is closed while the job still runs
         self.log_lines: list[str] = []
+        self._preview: dict | None = None  # the newest snapshot event not yet read
+        self._loads: list = []  # scene.LoadStep pieces of the final results still to apply
+        self._reading = None  # (step, future) of the piece whose files a background thread reads
+        self._reader: ThreadPoolExecutor | None = None
 
     # -- lifecycle --
     @property
@@ -126,7 +133,7 @@ class ReconstructionJob:
         self.worker = process.start_worker(str(self.request_path), python=self.python, external=self.external,
                                            cwd=str(self.run_dir), engine=self.engine, extra_env=self.extra_env)
         self.state.status = "running"
-        self.state.text = "Starting the reconstruction process..."
+        self.state.text = protocol.tr("Starting the reconstruction process...")
         return self
 
     @classmethod
@@ -144,11 +151,21 @@ class ReconstructionJob:
     def running(self) -> bool:
         return self.state.status in ("running", "cancelling")
 
+    @property
+    def loading(self) -> bool:
+        """Results are still being loaded into the scene (the worker has finished)."""
+        return bool(self._loads) or self._reading is not None
+
+    @property
+    def finished(self) -> bool:
+        """The worker has exited and everything it produced is in the scene."""
+        return self.worker is not None and self.worker.finished() and not self.loading
+
     def cancel(self) -> None:
         """Ask the worker to stop (non-blocking); it checkpoints first.  ``poll()`` reports the outcome."""
         if self.worker is not None and self.running:
             self.state.status = "cancelling"
-            self.state.text = "Cancelling: saving a checkpoint..."
+            self.state.text = protocol.tr("Cancelling: saving a checkpoint...")
             self.worker.request_cancel(self.cancel_grace_s)
 
     def kill(self) -> None:
@@ -161,8 +178,11 @@ class ReconstructionJob:
         if self.worker is None:
             return []
         events = self.worker.poll_events()
-        if not events:
-            return events
+        self._handle(events)
+        self._load_one()
+        return events
+
+    def _handle(self, events: list[dict]) -> None:
         # Only the newest snapshot of a batch is worth loading: older ones are already outdated.
         last_snapshot = max((i for i, e in enumerate(events) if e.get("event") == "snapshot"), default=None)
         for index, event in enumerate(events):
@@ -179,7 +199,6 @@ class ReconstructionJob:
                     self.state.status = "failed"
             if self.on_event:
                 self.on_event(event)
-        return events
 
     def _apply(self, event: dict) -> None:
         name = event.get("event")
@@ -204,16 +223,19 @@ class ReconstructionJob:
             if frac is not None:
                 st.fraction = max(st.fraction, frac)
         elif name == "snapshot":
-            if self.scene_updates:
-                self.updater.update_preview(event.get("volume"), event.get("mesh"), event.get("iteration"))
-                st.snapshots.append(event.get("iteration"))
+            if self.scene_updates and not self._loads:  # once the final results load, previews are outdated
+                self._preview = event  # only the newest is worth reading
+
         elif name == "done":
             st.outputs = dict(event.get("outputs") or {})
             st.metrics = dict(event.get("metrics") or {})
-            if self.scene_updates:
-                self.updater.load_outputs(st.outputs, metrics=st.metrics, **self.load_options)
             st.fraction = 1.0
-            st.status = "done"
+            self._preview = None
+            if self.scene_updates:
+                self._loads = self.updater.output_steps(st.outputs, metrics=st.metrics, **self.load_options)
+                st.status = "loading" if self._loads else "done"
+            else:
+                st.status = "done"
         elif name == "cancelled":
             # The engine names the checkpoint it saved; null when it stopped before training (this run saved nothing)
             # or when the worker was killed.  A checkpoint.pt already in the run folder - from the earlier part of a
@@ -235,11 +257,69 @@ class ReconstructionJob:
             st.text = protocol.describe_event(dict(event, checkpoint=st.checkpoint))
         elif name in ("started", "progress", "snapshot", "done", "error"):
             st.text = protocol.describe_event(event)
+        if st.status == "loading":
+            st.text = protocol.tr("Loading the results into the scene...")
+
+    def _load_one(self) -> None:
+        """Advance loading the results by one piece: start reading its files in the background, or apply a piece
+        whose files are read (at most one apply per call, so that each call stays short)."""
+        if self._reading is None and self._preview is not None and not self._loads:
+            event, self._preview = self._preview, None
+            self._loads.append(LoadStep("preview", lambda data, it=event.get("iteration"): self._show_preview(data, it),
+                                        lambda: read_preview(event.get("volume"), event.get("mesh"))))
+        if self._reading is None and self._loads:
+            step = self._loads.pop(0)
+            if step.read is None:
+                self._run_step(step, None)
+                self._check_loaded()
+                return
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drgs-load")
+            self._reading = (step, self._reader.submit(step.read))
+            return
+        if self._reading is not None and self._reading[1].done():
+            step, future = self._reading
+            self._reading = None
+            try:
+                data = future.result()
+            except Exception as exc:  # noqa: BLE001 - a broken file must not stop the other results
+                log.exception("could not read the %s results", step.role)
+                self.state.error = {"event": "error", "kind": "internal",
+                                    "message": f"Loading the {step.role} results into the scene failed: {exc}"}
+                data = None
+                step = None
+            if step is not None:
+                self._run_step(step, data)
+        self._check_loaded()
+
+    def _show_preview(self, data, iteration) -> None:
+        if self._loads or self.state.status not in ("running", "cancelling"):
+            return  # the final results are coming (or the run is over): this preview is outdated
+        self.updater.apply_preview(data, iteration)
+        self.state.snapshots.append(iteration)
+        if self.on_event:
+            self.on_event({"event": "preview_applied", "iteration": iteration})
+
+    def _check_loaded(self) -> None:
+        if not self.loading and self.state.status == "loading":
+            self.state.status = "done"
+            self.state.text = protocol.describe_event({"event": "done"})
+            if self._reader is not None:
+                self._reader.shutdown(wait=False)
+                self._reader = None
+
+    def _run_step(self, step, data) -> None:
+        try:
+            self._loads[:0] = step.finish(data)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("could not load the %s results", step.role)
+            self.state.error = {"event": "error", "kind": "internal",
+                                "message": f"Loading the {step.role} results into the scene failed: {exc}"}
 
     def wait(self, timeout: float = 600.0, interval: float = 0.1) -> JobState:
         """Poll until the worker has exited (tests and the in-Slicer self-test; the panel uses a QTimer)."""
         deadline = time.monotonic() + timeout
-        while not (self.worker is not None and self.worker.finished()):
+        while not self.finished:
             self.poll()
             if time.monotonic() > deadline:
                 self.kill()

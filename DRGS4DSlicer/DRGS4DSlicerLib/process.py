@@ -2,8 +2,14 @@
 
 The worker runs ``python -m drgs_core.worker --config REQUEST.json --watch-stdin`` either with Slicer's own Python
 (PythonSlicer) or with an external interpreter chosen by the user.  It is started in a new session (POSIX) / process
-group (Windows) so that cancel can stop the whole process tree: SIGTERM to the group first (the worker checkpoints and
-reports ``cancelled``), SIGKILL after a grace period, and a final sweep of the group so that nothing is left behind.
+group (Windows) so that the whole process tree can be stopped.
+
+Cancel works through a launcher too: Slicer's ``PythonSlicer`` is a launcher that runs the real interpreter as a child
+and installs no signal handlers, so a signal to it (or to its group) ends it at once.  Cancel therefore (1) writes the
+line ``cancel`` on the worker's stdin (inherited through a launcher), (2) on POSIX sends SIGTERM to the interpreter
+only, whose pid the worker reports in its first event (``worker``), never to the launcher; (3) the run is over only
+when the pipes close or the worker reports ``cancelled`` / ``error``; (4) after the grace period the whole group is
+killed, and a final sweep of the group leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -202,6 +208,9 @@ class WorkerProcess:
         self._cancel_deadline: float | None = None
         self._killed = False
         self._reaped = False
+        self._signalled = False
+        self._leader_gone_at: float | None = None
+        self.interpreter_pid: int | None = None  # from the worker's "worker" event
         self.pgid: int | None = None
 
     # -- start --
@@ -260,6 +269,8 @@ class WorkerProcess:
             event = parsed.event
             if event["event"] in protocol.TERMINAL_EVENTS and self.terminal_event is None:
                 self.terminal_event = event
+            if event["event"] == "worker" and isinstance(event.get("pid"), int):
+                self.interpreter_pid = event["pid"]
             self.events.put(event)
         elif parsed.kind == "invalid":
             log.warning("worker protocol problem: %s", parsed.problem)
@@ -283,11 +294,17 @@ class WorkerProcess:
         """True once the process has exited and its ``exit`` event has been handed out."""
         return self._exit_reported
 
+    def pipes_closed(self) -> bool:
+        """True when both reader threads have seen end of file: nothing of the process tree holds the pipes."""
+        return bool(self._threads) and not any(t.is_alive() for t in self._threads)
+
     def poll_events(self, max_events: int | None = None) -> list[dict]:
         """Everything that arrived since the last call (never blocks)."""
-        if self._cancel_deadline is not None and self.is_running() and time.monotonic() >= self._cancel_deadline:
-            log.warning("worker did not stop within the grace period: killing its process tree")
-            self.kill()
+        if self._cancel_deadline is not None and not self._killed:
+            self._signal_interpreter()  # the pid may have arrived since request_cancel
+            if not self.pipes_closed() and time.monotonic() >= self._cancel_deadline:
+                log.warning("worker did not stop within the grace period: killing its process tree")
+                self.kill()
         out = []
         while max_events is None or len(out) < max_events:
             try:
@@ -295,12 +312,13 @@ class WorkerProcess:
             except queue.Empty:
                 break
         exited = self.proc is not None and self.proc.poll() is not None
-        if exited and not self._reaped and any(t.is_alive() for t in self._threads):
-            # the worker is gone but something it started still holds its pipes open: stop the rest of its tree
+        if exited and not self._reaped and not self.pipes_closed() and self._leftovers_may_go():
+            # the process we started is gone and the worker is done (or silent too long), but something still
+            # holds its pipes open: stop the rest of its tree
             self._reaped = True
             self._reap_group()
         if (max_events is None or len(out) < max_events) and not self._exit_reported and exited \
-                and not any(t.is_alive() for t in self._threads):
+                and self.pipes_closed():
             # the process is gone and both pipes are drained: drain once more, then report the exit
             while True:
                 try:
@@ -309,6 +327,21 @@ class WorkerProcess:
                     break
             out.extend(self._exit_events())
         return out
+
+    def _leftovers_may_go(self, orphan_grace_s: float = 10.0) -> bool:
+        """After the started process exited with the pipes still open: may the rest of the group be killed now?
+
+        Yes once the worker reported its end (``done``/``cancelled``/``error``).  Otherwise an interpreter may still be
+        running under a launcher that died: wait for the cancel grace period if one runs, else ``orphan_grace_s``.
+        """
+        if self.terminal_event is not None:
+            return True
+        now = time.monotonic()
+        if self._leader_gone_at is None:
+            self._leader_gone_at = now
+        if self._cancel_deadline is not None:
+            return now >= self._cancel_deadline
+        return now - self._leader_gone_at >= orphan_grace_s
 
     def _exit_events(self) -> list[dict]:
         self._exit_reported = True
@@ -358,21 +391,15 @@ class WorkerProcess:
             except OSError:
                 pass
 
-    def _signal_group(self, sig) -> bool:
-        """POSIX: send ``sig`` to the worker's process group.  Windows: SIGTERM -> CTRL_BREAK, else taskkill /T."""
+    def _kill_group(self) -> bool:
+        """Kill the worker's whole process tree: SIGKILL to its process group (POSIX), taskkill /T (Windows)."""
         if self.proc is None:
             return False
         if IS_WINDOWS:  # pragma: no cover - exercised on Windows only
-            if sig == signal.SIGTERM:
-                try:
-                    self.proc.send_signal(signal.CTRL_BREAK_EVENT)
-                    return True
-                except OSError:
-                    return False
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], capture_output=True)
             return True
         try:
-            os.killpg(self.pgid if self.pgid is not None else self.proc.pid, sig)
+            os.killpg(self.pgid if self.pgid is not None else self.proc.pid, signal.SIGKILL)
             return True
         except (ProcessLookupError, PermissionError):
             return False
@@ -380,9 +407,10 @@ class WorkerProcess:
     def request_cancel(self, grace_s: float = 30.0) -> None:
         """Ask the worker to stop (non-blocking): it checkpoints and reports ``cancelled``.
 
-        If it is still running ``grace_s`` seconds later, the next ``poll_events`` kills the process tree.
+        First the line ``cancel`` on its stdin, then (POSIX) SIGTERM to the interpreter - never to a launcher, which
+        would die at once.  If the pipes are still open ``grace_s`` seconds later, ``poll_events`` kills the tree.
         """
-        if self.proc is None or not self.is_running():
+        if self.proc is None or self.pipes_closed():
             return
         if self._cancel_deadline is None:
             self._cancel_deadline = time.monotonic() + grace_s
@@ -392,12 +420,23 @@ class WorkerProcess:
                 self.proc.stdin.flush()
             except (OSError, ValueError):
                 pass
-        self._signal_group(signal.SIGTERM)
+        self._signal_interpreter()
+
+    def _signal_interpreter(self) -> None:
+        """SIGTERM once to the worker's interpreter (POSIX), as soon as its pid is known.  On Windows CTRL_BREAK
+        would reach the whole console group, launcher included, so the stdin line is the only request there."""
+        if self._signalled or IS_WINDOWS or self.interpreter_pid is None:
+            return
+        self._signalled = True
+        try:
+            os.kill(self.interpreter_pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def kill(self) -> None:
         """Kill the whole process tree now."""
         self._killed = True
-        self._signal_group(getattr(signal, "SIGKILL", None))
+        self._kill_group()
 
     def _reap_group(self) -> None:
         """After the leader exited, make sure no member of its process group survives."""
@@ -409,7 +448,7 @@ class WorkerProcess:
             pass
 
     def cancel(self, timeout: float = 30.0) -> int | None:
-        """Stop the worker and wait: SIGTERM, then SIGKILL after ``timeout`` s; no process of the tree remains."""
+        """Stop the worker and wait: cancel request, then kill after ``timeout`` s; no process of the tree remains."""
         if self.proc is None:
             return None
         if self.is_running():
@@ -422,6 +461,7 @@ class WorkerProcess:
         for thread in self._threads:
             thread.join(5.0)
         self._reap_group()
+        self._close_pipes()
         return self.proc.returncode
 
     def __del__(self):  # pragma: no cover - best effort
@@ -443,36 +483,71 @@ def start_worker(config_path: str, python: str | None = None, external: bool = F
     return WorkerProcess(command, env=env, cwd=cwd, watch_stdin=True).start()
 
 
+class WorkerCommand:
+    """A short worker command (``--probe``, ``--describe FILE``, ``--version``) running in the background.
+
+    ``poll()`` never blocks: None while it runs, then its answer - the first protocol event it printed, or an
+    ``error`` event saying why there was none (interpreter missing, engine missing, crash, timeout).
+    """
+
+    def __init__(self, args: list[str], python: str | None = None, external: bool = False, timeout: float = 300.0,
+                 engine: Path | None = None, cwd: str | None = None):
+        engine = engine if engine is not None else engine_root()
+        command = build_worker_command(python if external else None, args)
+        self.args = list(args)
+        self.timeout = timeout
+        self.result: dict | None = None
+        self._answer: dict | None = None
+        self._deadline = time.monotonic() + timeout
+        try:
+            self.worker: WorkerProcess | None = WorkerProcess(
+                command, env=worker_environment(external=external, engine=engine), cwd=cwd, watch_stdin=False).start()
+        except (FileNotFoundError, PermissionError):
+            self.worker = None
+            self.result = {"event": "error", "kind": "input",
+                           "message": f"The Python interpreter '{command[0]}' was not found or cannot be run. Choose "
+                                      "an existing python executable or use Slicer's own Python."}
+
+    def poll(self) -> dict | None:
+        if self.result is not None:
+            return self.result
+        for event in self.worker.poll_events():
+            if self._answer is None and event.get("event") not in ("log", "output", "exit", "worker"):
+                self._answer = event
+        if not self.worker.finished() and time.monotonic() > self._deadline:
+            self.worker.kill()
+            self.result = {"event": "error", "kind": "internal",
+                           "message": f"'{' '.join(self.args)}' took more than {self.timeout:.0f} s"}
+        elif self.worker.finished():
+            self.result = self._answer if self._answer is not None and self._answer.get("kind") != "crashed" \
+                else self._no_answer()
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop it now (a probe or a description has nothing to save)."""
+        if self.worker is not None and not self.worker.finished():
+            self.worker.kill()
+            self.worker.wait(5.0)
+            self.worker.poll_events()
+        if self.result is None:
+            self.result = {"event": "error", "kind": "internal", "message": "cancelled"}
+
+    def _no_answer(self) -> dict:
+        tail = list(self.worker.stderr_tail)[-10:]
+        hint = ""
+        if any("No module named" in t and "drgs_core" in t for t in tail):
+            hint = (" The drgs_core engine is not installed in this Python: install it there (pip install -e "
+                    "<DRGS4D source folder>) or use Slicer's own Python.")
+        elif any("No module named" in t for t in tail):
+            hint = " A Python package the engine needs is missing in this interpreter."
+        return {"event": "error", "kind": "internal",
+                "message": f"The worker gave no answer (exit code {self.worker.returncode}).{hint}\n" + "\n".join(tail)}
+
+
 def run_worker_command(args: list[str], python: str | None = None, external: bool = False,
                        timeout: float = 120.0, engine: Path | None = None, cwd: str | None = None) -> dict:
-    """Run a short worker command (``--version``, ``--probe``, ``--describe``) and return its single event.
-
-    Never raises for worker-side problems: they come back as an ``error`` event.
-    """
-    engine = engine if engine is not None else engine_root()
-    env = worker_environment(external=external, engine=engine)
-    command = build_worker_command(python if external else None, args)
-    kwargs = {"start_new_session": True} if not IS_WINDOWS else \
-        {"creationflags": getattr(subprocess, "CREATE_NO_WINDOW", 0)}
-    try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=timeout,
-                              cwd=cwd, **kwargs)
-    except FileNotFoundError:
-        return {"event": "error", "kind": "input",
-                "message": f"The Python interpreter '{command[0]}' was not found. Choose an existing python "
-                           "executable or use Slicer's own Python."}
-    except subprocess.TimeoutExpired:
-        return {"event": "error", "kind": "internal", "message": f"'{' '.join(args)}' took more than {timeout:.0f} s"}
-    for line in done.stdout.decode("utf-8", errors="replace").splitlines():
-        parsed = protocol.parse_line(line)
-        if parsed.kind == "event":
-            return parsed.event
-    tail = done.stderr.decode("utf-8", errors="replace").strip().splitlines()[-10:]
-    hint = ""
-    if any("No module named" in t and "drgs_core" in t for t in tail):
-        hint = (" The drgs_core engine is not installed in this Python: install it there (pip install -e "
-                "<DRGS4D source folder>) or use Slicer's own Python.")
-    elif any("No module named" in t for t in tail):
-        hint = " A Python package the engine needs is missing in this interpreter."
-    return {"event": "error", "kind": "internal",
-            "message": f"The worker gave no answer (exit code {done.returncode}).{hint}\n" + "\n".join(tail)}
+    """Blocking form of ``WorkerCommand`` (scripts and tests; the panel polls a WorkerCommand from its timer)."""
+    command = WorkerCommand(args, python=python, external=external, timeout=timeout, engine=engine, cwd=cwd)
+    while command.poll() is None:
+        time.sleep(0.02)
+    return command.result

@@ -8,10 +8,11 @@ nothing about processes, Qt or MRML, so it can be tested on its own.
 Events (fields beyond ``protocol`` and ``event``; ``?`` = optional, may be null):
 
 =========  ==========================================================================================================
+worker     pid (of the interpreter running the engine: the process a cancel signals), python?
 started    run_dir, n_frames, views, iterations, device
 progress   stage (load|fdk|init|train|voxelize|mesh|write), iteration?, iterations?, loss?, n_gaussians?,
            elapsed_s?, eta_s?
-snapshot   iteration, volume? (.nii.gz path, LPS mm), mesh? (.vtk path, LPS mm)
+snapshot   iteration, volume? (uncompressed .nrrd, at most 128^3 voxels, LPS mm), mesh? (binary .vtk, LPS mm)
 done       outputs {volume, mesh_stl, mesh_vtk, segmentation, volume_4d, renders, cine, gaussians, config, metrics,
            checkpoint}, metrics?
 cancelled  checkpoint? (path of the checkpoint a later run can resume from; null: this run saved none, e.g. it stopped
@@ -47,6 +48,10 @@ _OPT = type(None)
 
 # event -> {field: (accepted types, required)}
 _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "worker": {
+        "pid": ((int,), True),
+        "python": ((str, _OPT), False),
+    },
     "started": {
         "run_dir": ((str,), True),
         "n_frames": ((int,), True),
@@ -242,6 +247,16 @@ def format_duration(seconds) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def translate(text: str) -> str:
+    """Translation hook for the texts below; the panel replaces it with Slicer's ``tr`` (this module stays Qt-free).
+    Texts are whole sentences with named ``{placeholders}``, formatted after translation."""
+    return text
+
+
+def tr(text: str, **values) -> str:
+    return translate(text).format(**values) if values else translate(text)
+
+
 _STAGE_TEXT = {
     "load": "Loading the runs",
     "fdk": "FDK initial reconstruction",
@@ -257,35 +272,37 @@ def describe_event(event: dict) -> str:
     """A one-line status text for an event (used for the panel's status label)."""
     name = event.get("event")
     if name == "started":
-        return (f"Started on {event.get('device')}: {event.get('views')} of {event.get('n_frames')} frames, "
-                f"{event.get('iterations')} iterations")
+        return tr("Started on {device}: {views} of {frames} frames, {iterations} iterations",
+                  device=event.get("device"), views=event.get("views"), frames=event.get("n_frames"),
+                  iterations=event.get("iterations"))
     if name == "progress":
         stage = event.get("stage")
-        parts = [_STAGE_TEXT.get(stage, str(stage))]
+        parts = [tr(_STAGE_TEXT[stage]) if stage in _STAGE_TEXT else str(stage)]
         it, total = event.get("iteration"), event.get("iterations")
         if it is not None and total:
-            parts[0] += f" {it}/{total}"
+            parts[0] = tr("{stage} {iteration}/{total}", stage=parts[0], iteration=it, total=total)
         if event.get("loss") is not None:
-            parts.append(f"loss {event['loss']:.4g}")
+            parts.append(tr("loss {loss}", loss=f"{event['loss']:.4g}"))
         if event.get("n_gaussians") is not None:
-            parts.append(f"{event['n_gaussians']:,} Gaussians")
+            parts.append(tr("{count} Gaussians", count=f"{event['n_gaussians']:,}"))
         if event.get("elapsed_s") is not None:
-            parts.append(f"{format_duration(event['elapsed_s'])} elapsed")
+            parts.append(tr("{duration} elapsed", duration=format_duration(event["elapsed_s"])))
         if event.get("eta_s") is not None:
-            parts.append(f"about {format_duration(event['eta_s'])} left")
+            parts.append(tr("about {duration} left", duration=format_duration(event["eta_s"])))
         return " · ".join(parts)
     if name == "snapshot":
-        return f"Preview updated at iteration {event.get('iteration')}"
+        return tr("Preview updated at iteration {iteration}", iteration=event.get("iteration"))
     if name == "done":
-        return "Reconstruction finished"
+        return tr("Reconstruction finished")
     if name == "cancelled":
         if event.get("checkpoint"):
-            return "Cancelled; the last checkpoint is kept and the run can be resumed"
+            return tr("Cancelled; the last checkpoint is kept and the run can be resumed")
         if event.get("stage") and not event.get("forced"):
-            return f"Cancelled before training ({_STAGE_TEXT.get(event['stage'], event['stage']).lower()})"
-        return "Cancelled"
+            return tr("Cancelled before training ({stage})",
+                      stage=tr(_STAGE_TEXT.get(event["stage"], event["stage"])).lower())
+        return tr("Cancelled")
     if name == "error":
-        return f"Error: {event.get('message')}"
+        return tr("Error: {message}", message=event.get("message"))
     return str(name)
 
 

@@ -158,6 +158,98 @@ def ras_of_voxel(node, ijk) -> np.ndarray:
     return (ijk_to_ras_of(node) @ np.append(np.asarray(ijk, float), 1.0))[:3]
 
 
+class LoadStep:
+    """One piece of loading results: ``read()`` (files, numpy; safe in a background thread) then ``apply(data)`` in
+    the main thread, which may return further steps (e.g. one per sequence frame)."""
+
+    def __init__(self, role: str, apply, read=None):
+        self.role, self.apply, self.read = role, apply, read
+        self.roles = [role]
+
+    def run(self) -> list:
+        """Read and apply here; returns the follow-up steps."""
+        return self.finish(self.read() if self.read is not None else None)
+
+    def finish(self, data) -> list:
+        """Apply what ``read()`` returned (e.g. in another thread); returns the follow-up steps."""
+        more = self.apply(data)
+        return list(more) if isinstance(more, list) else []
+
+
+def read_sequence_file(path: str | os.PathLike):
+    """Read a 4D ``.seq.nrrd`` as the engine writes it (list axis first): (frames [T, k, j, i], IJK->RAS,
+    index values [T] as text, index name).  pynrrd (an engine requirement) when available, else SimpleITK."""
+    path = os.fspath(path)
+    try:
+        import nrrd
+    except ImportError:  # pragma: no cover - SimpleITK reads the list axis as vector components
+        import SimpleITK as sitk
+
+        image = sitk.ReadImage(path)
+        data = np.moveaxis(sitk.GetArrayFromImage(image), -1, 0)  # [T, k, j, i]
+        ijk_to_lps = np.eye(4)
+        ijk_to_lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+        ijk_to_lps[:3, 3] = image.GetOrigin()
+        return data, lps_to_ras_matrix(ijk_to_lps), [str(i) for i in range(data.shape[0])], "time"
+    data, header = nrrd.read(path, index_order="C")  # [z, y, x, T] reversed from the file's (T, x, y, z)
+    frames = np.ascontiguousarray(np.moveaxis(data, -1, 0))  # [T, k, j, i]
+    directions = np.asarray(header["space directions"][1:], dtype=float)  # rows: one per spatial axis
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = directions.T
+    ijk_to_lps[:3, 3] = np.asarray(header["space origin"], dtype=float)
+    values = str(header.get("axis 0 index values", "")).split() or [str(i) for i in range(frames.shape[0])]
+    labels = header.get("labels") or ["time"]
+    return frames, lps_to_ras_matrix(ijk_to_lps), values, (labels[0] or "time")
+
+
+def read_preview(volume_path=None, mesh_path=None):
+    """The files of a ``snapshot`` event: ((voxels, IJK->RAS) or None, RAS polydata or None).  No scene access, so
+    it can run in a background thread."""
+    volume = polydata = None
+    if volume_path and os.path.isfile(volume_path):
+        volume = read_volume_file(volume_path)
+    elif volume_path:
+        log.warning("snapshot volume %s does not exist", volume_path)
+    if mesh_path and os.path.isfile(mesh_path):
+        polydata = read_polydata_ras(mesh_path)
+    elif mesh_path:
+        log.warning("snapshot mesh %s does not exist", mesh_path)
+    return volume, polydata
+
+
+def prepare_image(array_kji: np.ndarray, ijk_to_ras: np.ndarray):
+    """(vtkImageData holding a copy of the voxels, IJK->RAS, display range (low, high)) - the slow part of showing a
+    large volume, done in a background thread so that the main thread only swaps the image in."""
+    from vtk.util import numpy_support
+
+    array = np.ascontiguousarray(array_kji, dtype=np.float32 if array_kji.dtype == np.float64 else None)
+    k, j, i = array.shape
+    image = vtk.vtkImageData()
+    image.SetDimensions(i, j, k)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.reshape(-1), deep=True))
+    image.GetScalarRange()  # computed here once; VTK keeps it, so the panel's threshold range costs nothing later
+    sample = array[::4, ::4, ::4]
+    low, high = (float(v) for v in np.percentile(sample, [0.5, 99.9])) if sample.size else (0.0, 1.0)
+    return image, np.asarray(ijk_to_ras, float), (low, high if high > low else low + 1.0)
+
+
+def show_image(node, prepared) -> None:
+    """Put a ``prepare_image`` result into a volume node; a new display node gets the precomputed window/level
+    (computing it here would scan every voxel in the main thread)."""
+    image, ijk_to_ras, (low, high) = prepared
+    scene = node.GetScene()
+    if scene is not None and node.GetDisplayNode() is None:
+        display = slicer.vtkMRMLScalarVolumeDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(low, high)
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+        scene.AddNode(display)
+        node.SetAndObserveDisplayNodeID(display.GetID())
+    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    if image is not None:
+        node.SetAndObserveImageData(image)
+
+
 # ---- the updater ---------------------------------------------------------------------------------------------------
 
 class SceneUpdater:
@@ -183,6 +275,7 @@ class SceneUpdater:
         self.last_snapshot_iteration: int | None = None
         self.outputs: dict = {}
         self.threshold: float | None = None
+        self._display_ranges: dict[str, tuple] = {}  # sequence node ID -> (low, high) of its first frame
         self._ensure_colors()
 
     @classmethod
@@ -289,9 +382,16 @@ class SceneUpdater:
 
     # -- preview --
     def update_preview(self, volume_path=None, mesh_path=None, iteration=None) -> list[str]:
+        """Read a snapshot's files and apply them (scripts, tests; the job reads in a background thread)."""
+        return self.apply_preview(read_preview(volume_path, mesh_path), iteration)
+
+    def apply_preview(self, data, iteration=None) -> list[str]:
+        """Update the preview volume and surface in place from ``read_preview``'s result.  The display nodes are
+        made once, so the user's window/level, colours and visibility stay as they set them."""
+        volume, polydata = data
         changed = []
-        if volume_path and os.path.isfile(volume_path):
-            array, ijk_to_ras = read_volume_file(volume_path)
+        if volume is not None:
+            array, ijk_to_ras = volume
             node = self.node("preview_volume")
             created = node is None
             if created:
@@ -305,10 +405,7 @@ class SceneUpdater:
                 if self.on_preview_volume:
                     self.on_preview_volume(node)
             changed.append("preview_volume")
-        elif volume_path:
-            log.warning("snapshot volume %s does not exist", volume_path)
-        if mesh_path and os.path.isfile(mesh_path):
-            polydata = read_polydata_ras(mesh_path)
+        if polydata is not None:
             node = self.node("preview_model")
             if node is None:
                 node = self._new_node("vtkMRMLModelNode", f"{self.run_name} preview surface", "preview_model")
@@ -316,8 +413,6 @@ class SceneUpdater:
                 self._style_model(node, opacity=0.6)
             node.SetAndObservePolyData(polydata)
             changed.append("preview_model")
-        elif mesh_path:
-            log.warning("snapshot mesh %s does not exist", mesh_path)
         if changed:
             self.preview_updates += 1
             self.last_snapshot_iteration = iteration
@@ -349,51 +444,143 @@ class SceneUpdater:
             self.remove_node(role)
 
     # -- final outputs --
-    def load_outputs(self, outputs: dict, metrics: dict | None = None, load_volume: bool = True,
+    def output_steps(self, outputs: dict, metrics: dict | None = None, load_volume: bool = True,
                      load_model: bool = True, load_segmentation: bool = True, load_sequence: bool = True,
-                     load_renders: bool = True, threshold: float | None = None, keep_preview: bool = False) -> list[str]:
-        """Create the final nodes from a ``done`` event's outputs; returns the roles created."""
+                     load_renders: bool = True, threshold: float | None = None,
+                     keep_preview: bool = False) -> list[LoadStep]:
+        """The final results of a ``done`` event as small pieces: the panel runs one per timer tick, each piece's
+        ``read`` (files, numpy) in a background thread and its ``apply`` (scene changes) in the main thread."""
         metrics = dict(metrics or {})  # the done event's summary; iso_level: the level the engine meshed at
-        changed = []
+        steps = []
         volume_path = outputs.get("volume")
         if load_volume and volume_path and os.path.isfile(volume_path):
-            array, ijk_to_ras = read_volume_file(volume_path)
-            node = self.node("volume") or self._new_node("vtkMRMLScalarVolumeNode", f"{self.run_name} vessels",
-                                                         "volume")
-            set_volume_from_array(node, array, ijk_to_ras)
-            if node.GetDisplayNode() is None:
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().AutoWindowLevelOn()
-            changed.append("volume")
+            steps.append(LoadStep("volume", self._apply_volume,
+                                  lambda: prepare_image(*read_volume_file(volume_path))))
         mesh_path = outputs.get("mesh_vtk") or outputs.get("mesh_stl")
         if load_model and mesh_path and os.path.isfile(mesh_path):
-            node = self.node("model") or self._new_node("vtkMRMLModelNode", f"{self.run_name} surface", "model")
-            node.SetAndObservePolyData(read_polydata_ras(mesh_path))
-            if node.GetDisplayNode() is None:
-                node.CreateDefaultDisplayNodes()
-                self._style_model(node)
-            changed.append("model")
-        if load_segmentation and (self.node("volume") is not None or outputs.get("segmentation")):
+            steps.append(LoadStep("model", self._apply_model, lambda: read_polydata_ras(mesh_path)))
+        if load_segmentation and ((load_volume and volume_path) or outputs.get("segmentation")):
             iso = _first_number(metrics, ("iso_level", "threshold"))
-            if self._make_segmentation(outputs.get("segmentation"), threshold, iso):
-                changed.append("segmentation")
+            steps.append(LoadStep("segmentation", self._apply_mask,
+                                  lambda: self._segmentation_mask(outputs.get("segmentation"), threshold, iso)))
         seq_path = outputs.get("volume_4d")
         if load_sequence and seq_path and os.path.isfile(seq_path):
-            self._load_sequence(seq_path)
-            changed += ["sequence", "sequence_browser"]
+            steps.append(LoadStep("sequence", self._apply_sequence, lambda: read_sequence_file(seq_path)))
         renders = _volume_file_in(outputs.get("renders"))
         if load_renders and renders:
-            array, ijk_to_ras = read_volume_file(renders)
-            node = self.node("renders") or self._new_node("vtkMRMLScalarVolumeNode",
-                                                          f"{self.run_name} rendered DSA", "renders")
-            set_volume_from_array(node, array, ijk_to_ras)
-            if node.GetDisplayNode() is None:
-                node.CreateDefaultDisplayNodes()
-                node.GetDisplayNode().AutoWindowLevelOn()
-            changed.append("renders")
-        if changed and not keep_preview:
-            self.remove_preview()
-        return changed
+            steps.append(LoadStep("renders", self._apply_renders, lambda: read_volume_file(renders)))
+        if not keep_preview:
+            steps.append(LoadStep("preview_removed", lambda _data: self.remove_preview()))
+        return steps
+
+    def load_outputs(self, outputs: dict, **options) -> list[str]:
+        """Create the final nodes from a ``done`` event's outputs at once (scripts, tests); returns the roles."""
+        changed, pending = [], self.output_steps(outputs, **options)
+        while pending:
+            step = pending.pop(0)
+            pending[:0] = step.run()
+            for role in step.roles:
+                if role not in changed:
+                    changed.append(role)
+        return [r for r in changed if r != "preview_removed"]
+
+    def _apply_volume(self, prepared) -> None:
+        node = self.node("volume") or self._new_node("vtkMRMLScalarVolumeNode", f"{self.run_name} vessels", "volume")
+        show_image(node, prepared)
+
+    def _apply_model(self, polydata) -> None:
+        node = self.node("model") or self._new_node("vtkMRMLModelNode", f"{self.run_name} surface", "model")
+        node.SetAndObservePolyData(polydata)
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+            self._style_model(node)
+
+    def _segmentation_mask(self, labelmap_path, threshold, iso):
+        """(mask [k, j, i], IJK->RAS, threshold used) - priority: the panel's threshold, else the engine's labelmap,
+        else its iso level, else a guess.  Runs in a background thread: reads files and the volume's voxels only."""
+        volume = self.node("volume")
+        if threshold is None and labelmap_path and os.path.isfile(labelmap_path):
+            mask, ijk_to_ras = read_volume_file(labelmap_path)
+            return mask > 0, ijk_to_ras, iso
+        if volume is None:
+            return None
+        array = slicer.util.arrayFromVolume(volume)
+        level = threshold if threshold is not None else (iso if iso is not None else suggest_threshold(array))
+        return array >= level, ijk_to_ras_of(volume), float(level)
+
+    def _apply_mask(self, data) -> None:
+        if data is None:
+            return
+        mask, ijk_to_ras, level = data
+        self._set_segment_mask(mask, ijk_to_ras, surface=False)  # the model shows the surface; 3D on demand
+        self.threshold = level
+
+    def _apply_sequence(self, data) -> list:
+        """Create the 4D sequence and its browser; the frames follow as one step each."""
+        frames, ijk_to_ras, values, index_name = data
+        sequence = self.node("sequence")
+        if sequence is None:
+            sequence = self._new_node("vtkMRMLSequenceNode", f"{self.run_name} 4D", "sequence")
+        else:
+            sequence.RemoveAllDataNodes()
+        sequence.SetIndexName(index_name or "time")
+        sequence.SetIndexType(sequence.NumericIndex)
+        steps = [LoadStep("sequence", lambda prepared, i=i: self._add_sequence_frame(sequence, prepared, values[i]),
+                          read=lambda i=i: prepare_image(frames[i], ijk_to_ras))
+                 for i in range(len(frames))]
+        steps.append(LoadStep("sequence_browser", lambda _d: self._browse(
+            sequence, "sequence_browser", f"{self.run_name} 4D browser", "sequence_proxy", f"{self.run_name} 4D frame")))
+        return steps
+
+    def _add_sequence_frame(self, sequence, prepared, value) -> None:
+        self._display_ranges.setdefault(sequence.GetID(), prepared[2])  # the first frame's, for the proxy
+        node = slicer.vtkMRMLScalarVolumeNode()
+        show_image(node, prepared)
+        sequence.SetDataNodeAtValue(node, str(value))  # the sequence keeps a copy
+
+    def _browse(self, sequence, role: str, name: str, proxy_role: str, proxy_name: str) -> list:
+        """A browser for ``sequence`` with a proxy volume made here (its display node gets the first frame's
+        window/level, so that Slicer does not scan the voxels for one in the main thread).  Two steps: the proxy,
+        then the browser's first update (each copies one frame)."""
+        logic = self.sequences_logic  # registers the browser node class in a bare scene
+        browser = self.node(role)
+        if browser is None:
+            browser = self._new_node("vtkMRMLSequenceBrowserNode", name, role)
+            browser.SetPlaybackLooped(True)
+            browser.SetPlaybackRateFps(8.0)
+        proxy = self.node(proxy_role)
+        if proxy is None:
+            proxy = self._new_node("vtkMRMLScalarVolumeNode", self.scene.GenerateUniqueName(proxy_name), proxy_role)
+            show_image(proxy, (None, np.eye(4), self._display_ranges.get(sequence.GetID(), (0.0, 1.0))))
+            browser.AddProxyNode(proxy, sequence, False)
+
+        def first_update(_data):
+            browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+            logic.UpdateProxyNodesFromSequences(browser)
+
+        return [LoadStep(role, first_update)]
+
+    def _apply_renders(self, data) -> list:
+        """The rendered DSA as a sequence of 2D images (one per frame, detector pixels and spacing, not placed in
+        patient space), shown in a slice view like any 2D image; one frame per step."""
+        stack, ijk_to_ras = data
+        spacing = np.linalg.norm(np.asarray(ijk_to_ras)[:3, :3], axis=0)
+        image_to_ras = np.diag([spacing[0], spacing[1], 1.0, 1.0])  # pixel (i, j) at (i, j) * spacing, frame plane
+        sequence = self.node("renders")
+        if sequence is None:
+            sequence = self._new_node("vtkMRMLSequenceNode", f"{self.run_name} rendered DSA", "renders")
+        else:
+            sequence.RemoveAllDataNodes()
+        sequence.SetIndexName("frame")
+        sequence.SetIndexType(sequence.NumericIndex)
+        steps = [LoadStep("renders", lambda prepared, k=k: self._add_sequence_frame(sequence, prepared, k),
+                          read=lambda k=k: prepare_image(stack[k:k + 1], image_to_ras))
+                 for k in range(stack.shape[0])]
+        steps.append(LoadStep("renders_browser", lambda _d: self._browse(sequence, "renders_browser",
+                                                                          f"{self.run_name} rendered DSA browser",
+                                                                          "renders_proxy",
+                                                                          f"{self.run_name} rendered DSA frame")))
+        return steps
 
     # -- segmentation --
     def _segmentation_node(self):
@@ -409,7 +596,7 @@ class SceneUpdater:
             node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         return node
 
-    def _set_segment_mask(self, mask_kji: np.ndarray, ijk_to_ras: np.ndarray) -> int:
+    def _set_segment_mask(self, mask_kji: np.ndarray, ijk_to_ras: np.ndarray, surface: bool = True) -> int:
         node = self._segmentation_node()
         mask = np.ascontiguousarray(np.asarray(mask_kji) > 0, dtype=np.uint8)
         image = slicer.vtkOrientedImageData()
@@ -428,25 +615,9 @@ class SceneUpdater:
             raise RuntimeError("could not write the vessel mask into the segmentation")
         if node.GetSegmentation().ContainsRepresentation("Closed surface"):
             node.GetSegmentation().CreateRepresentation("Closed surface", True)  # refresh the 3D surface
-        else:
+        elif surface:
             node.CreateClosedSurfaceRepresentation()
         return int(mask.sum())
-
-    def _make_segmentation(self, labelmap_path: str | None, threshold: float | None, iso: float | None) -> bool:
-        """Priority: the panel's threshold, else the engine's labelmap, else its iso level, else a guess."""
-        volume = self.node("volume")
-        if threshold is not None and volume is not None:
-            self.set_threshold(threshold)
-            return True
-        if labelmap_path and os.path.isfile(labelmap_path):
-            mask, ijk_to_ras = read_volume_file(labelmap_path)
-            self._set_segment_mask(mask, ijk_to_ras)
-            self.threshold = iso
-            return True
-        if volume is not None:
-            self.set_threshold(iso if iso is not None else suggest_threshold(slicer.util.arrayFromVolume(volume)))
-            return True
-        return False
 
     def set_threshold(self, threshold: float) -> int:
         """Re-segment the final volume at ``threshold`` (1/mm); returns the number of vessel voxels."""
@@ -498,40 +669,6 @@ class SceneUpdater:
                 str(folder), seg, ids, surface_format, True, 1.0, False):
             written += sorted(str(folder / f) for f in set(os.listdir(folder)) - before)
         return written
-
-    # -- 4D sequence --
-    def _load_sequence(self, path: str) -> None:
-        logic = self.sequences_logic
-        sequence = self.node("sequence")
-        if sequence is None:
-            sequence = self._new_node("vtkMRMLSequenceNode", f"{self.run_name} 4D", "sequence")
-        else:
-            sequence.RemoveAllDataNodes()
-        storage = slicer.vtkMRMLVolumeSequenceStorageNode()
-        self.scene.AddNode(storage)
-        storage.SetFileName(path)
-        try:
-            if not storage.ReadData(sequence):
-                raise RuntimeError(f"could not read the 4D volume {path}")
-        finally:
-            self.scene.RemoveNode(storage)
-        if not sequence.GetIndexName() or sequence.GetIndexName() in ("frame", ""):
-            sequence.SetIndexName("time")
-        browser = self.node("sequence_browser")
-        if browser is None:
-            browser = self._new_node("vtkMRMLSequenceBrowserNode", f"{self.run_name} 4D browser",
-                                     "sequence_browser")
-            browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-            browser.SetPlaybackLooped(True)
-            browser.SetPlaybackRateFps(8.0)
-        logic.UpdateProxyNodesFromSequences(browser)
-        proxy = browser.GetProxyNode(sequence)
-        if proxy is not None:
-            proxy.SetName(self.scene.GenerateUniqueName(f"{self.run_name} 4D frame"))
-            if proxy.IsA("vtkMRMLDisplayableNode") and proxy.GetDisplayNode() is None:
-                proxy.CreateDefaultDisplayNodes()
-            self._adopt(proxy, "sequence_proxy")
-            self.nodes["sequence_proxy"] = proxy
 
 
 def suggest_threshold(array: np.ndarray) -> float:

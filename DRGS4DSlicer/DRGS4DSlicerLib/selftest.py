@@ -24,6 +24,14 @@ def write_tiny_phantom(folder: str | os.PathLike, seed: int = 0) -> str:
     return folder
 
 
+def phantom_command(folder: str | os.PathLike, seed: int = 0) -> list[str]:
+    """Worker arguments that write the tiny phantom into ``folder`` (SampleData: no torch in Slicer's process)."""
+    import json
+
+    options = dict(TINY_PHANTOM, seed=seed)
+    return ["--make-phantom", os.fspath(folder), "--phantom-options", json.dumps(options)]
+
+
 def tiny_request(case: str, out: str, **overrides) -> dict:
     """A CPU-sized request for the tiny phantom with preview snapshots and checkpoints."""
     fields = dict(case=case, out=out, views=8, preset="tiny", device="cpu", iterations=30, snapshot_every=10,

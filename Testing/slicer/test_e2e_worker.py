@@ -26,7 +26,7 @@ class Recorder:
         job.on_event = self
 
     def __call__(self, event):
-        if event["event"] == "snapshot":
+        if event["event"] == "preview_applied":  # the snapshot's files are in the scene now
             node = self.job.updater.node("preview_volume")
             self.previews.append((event["iteration"], node.GetID(), node.GetImageData(),
                                   slicer.util.arrayFromVolume(node).copy()))

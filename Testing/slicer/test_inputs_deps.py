@@ -48,7 +48,7 @@ def test_describe_reports_engine_input_errors_readably(tmp_path):
     assert "Traceback" not in str(info.value) and str(info.value)
 
 
-def test_describe_through_the_worker_matches_in_process(tmp_path):
+def test_describe_through_the_worker_matches_the_engine(tmp_path):
     """A small case written with the engine's own writer, described in-process and through --describe."""
     from drgs_core.geometry import ConeBeamGeometry, VolumeGrid
     from drgs_core.io import Case, write_case
@@ -59,9 +59,12 @@ def test_describe_through_the_worker_matches_in_process(tmp_path):
                 name="tiny")
     folder = tmp_path / "tiny"
     write_case(case, folder)
+    from drgs_core import worker
+
     raw = {"case": str(folder), "detector_binning": 1}  # describe reads as a run does: binning applies
-    local = inputs.describe_inputs(raw)
+    local = worker.summarize_case(worker.load_case_for_request(raw))
     remote = inputs.describe_inputs(raw, python=sys.executable, external=True)
+    assert remote == inputs.describe_inputs(raw)  # Slicer's own interpreter, here this one
     assert inputs.describe_inputs({"case": str(folder)})["detector_shape"] == [h // 2, w // 2]  # "auto" bins 2x2
     assert local["n_frames"] == remote["n_frames"] == n
     assert local["detector_shape"] == [h, w] and local["volume_resolution"] == [4, 5, 6]

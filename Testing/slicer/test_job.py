@@ -64,7 +64,7 @@ def done_job(tiny_case, tmp_path_factory, worker_env):
     previews = []
 
     def on_event(event):
-        if event["event"] == "snapshot":
+        if event["event"] == "preview_applied":
             node = job.updater.node("preview_volume")
             previews.append((event["iteration"], node.GetID(), slicer.util.arrayFromVolume(node).copy()))
 

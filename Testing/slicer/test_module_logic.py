@@ -1,106 +1,27 @@
-"""DRGS4DSlicer.py outside Slicer: import the module with minimal stand-ins for the pieces only the Slicer application
-provides (qt, the ScriptedLoadableModule base classes, parameterNodeWrapper, slicer.app) and drive its Logic against a
-real MRML scene and the real worker process running the real engine on the tiny phantom.  This catches mistakes in the
-module file that the Qt-free library tests cannot see; the widget itself needs Slicer (its self-test covers it
-there)."""
+"""DRGS4DSlicer.py's Logic outside Slicer: the module imported with the stand-ins of slicer_standins (the widget has its
+own tests in test_widget.py), driven against a real MRML scene and the real worker process running the real engine on
+the tiny phantom."""
 
-import importlib
 import pathlib
 import sys
 import time
 import types
-import typing
 
 import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer")
 
+from slicer_standins import load_module  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _stub_parameter_node_wrapper():
-    mod = types.ModuleType("slicer.parameterNodeWrapper")
-
-    class _Validator:
-        def __init__(self, *args):
-            self.args = args
-
-    class Choice(_Validator):
-        pass
-
-    class Minimum(_Validator):
-        pass
-
-    class WithinRange(_Validator):
-        pass
-
-    def parameterNodeWrapper(cls):
-        hints = typing.get_type_hints(cls, include_extras=True)
-        defaults = {}
-        for name, hint in hints.items():
-            base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
-            if hasattr(cls, name):
-                defaults[name] = getattr(cls, name)
-            elif base is pathlib.Path:
-                defaults[name] = pathlib.Path()
-            else:
-                defaults[name] = None
-
-        def __init__(self, node):
-            object.__setattr__(self, "parameterNode", node)
-            for key, value in defaults.items():
-                object.__setattr__(self, key, value)
-
-        return type(cls.__name__, (), {"__init__": __init__, "__doc__": cls.__doc__, "_defaults": defaults})
-
-    mod.parameterNodeWrapper = parameterNodeWrapper
-    mod.Choice, mod.Minimum, mod.WithinRange = Choice, Minimum, WithinRange
-    return mod
-
-
-def _stub_scripted_loadable_module():
-    mod = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self):
-            pass
-
-        def getParameterNode(self):
-            return slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
-
-    class ScriptedLoadableModuleTest:
-        pass
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
-                ScriptedLoadableModuleTest):
-        setattr(mod, cls.__name__, cls)
-    return mod
 
 
 @pytest.fixture
 def module(monkeypatch, scene, tmp_path, worker_env):
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", _stub_parameter_node_wrapper())
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", _stub_scripted_loadable_module())
-    app = types.SimpleNamespace(temporaryPath=str(tmp_path / "slicer-tmp"), defaultScenePath=str(tmp_path),
-                                processEvents=lambda: None)
-    monkeypatch.setattr(slicer, "app", app, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     for key, value in worker_env.items():  # the Logic starts workers with this process's environment
         monkeypatch.setenv(key, value)
-    monkeypatch.syspath_prepend(str(REPO / "DRGS4DSlicer"))
-    sys.modules.pop("DRGS4DSlicer", None)
-    mod = importlib.import_module("DRGS4DSlicer")
-    yield mod
+    yield load_module(monkeypatch, scene, tmp_path, "5.12")
     sys.modules.pop("DRGS4DSlicer", None)
 
 
@@ -116,7 +37,7 @@ def test_module_metadata_and_parameter_defaults(module):
 
 def _wait(job, timeout=300):
     deadline = time.time() + timeout
-    while not job.worker.finished():
+    while not job.finished:
         job.poll()
         assert time.time() < deadline, job.log_lines[-20:]
         time.sleep(0.02)

@@ -189,7 +189,7 @@ def test_real_worker_reports_through_process(tiny_case, tmp_path, worker_env):
     events = _collect(worker, timeout=300)
     assert not [e for e in events if e["event"] in ("output", "error")], events
     names = [e["event"] for e in events if e["event"] != "log"]
-    assert names[0] == "progress" and names[1] == "started" and names[-2:] == ["done", "exit"]
+    assert names[:3] == ["worker", "progress", "started"] and names[-2:] == ["done", "exit"]
     assert [e["iteration"] for e in events if e["event"] == "snapshot"] == [10, 20]
     assert [e["iteration"] for e in events if e["event"] == "progress" and e["stage"] == "train"] == \
         [1, 5, 10, 15, 20, 25, 30]

@@ -136,3 +136,18 @@ def test_progress_fraction_is_monotonic_over_the_stages():
     assert fractions == sorted(fractions)
     assert math.isclose(protocol.progress_fraction({"event": "done"}), 1.0)
     assert protocol.progress_fraction({"event": "snapshot"}) is None
+
+
+def test_status_texts_go_through_the_translation_hook(monkeypatch):
+    """Whole sentences with named placeholders are translated first, then formatted (never concatenated)."""
+    seen = []
+
+    def fake_translate(text):
+        seen.append(text)
+        return text.replace("Training", "Entraînement").replace("about {duration} left", "encore {duration}")
+
+    monkeypatch.setattr(protocol, "translate", fake_translate)
+    text = protocol.describe_event({"event": "progress", "stage": "train", "iteration": 5, "iterations": 10,
+                                    "eta_s": 75})
+    assert text == "Entraînement 5/10 · encore 1 min 15 s"
+    assert "{stage} {iteration}/{total}" in seen and all("5" not in s for s in seen)

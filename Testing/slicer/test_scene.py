@@ -11,7 +11,7 @@ vtk = pytest.importorskip("vtk")
 
 import lps_files  # noqa: E402
 from DRGS4DSlicerLib import scene as scene_mod  # noqa: E402
-from DRGS4DSlicerLib.scene import SceneUpdater, ijk_to_ras_of, ras_of_voxel  # noqa: E402
+from DRGS4DSlicerLib.scene import SceneUpdater, ijk_to_ras_of, ras_of_voxel, read_volume_file  # noqa: E402
 
 from drgs_core.geometry import VolumeGrid  # noqa: E402
 from drgs_core.io import write_labelmap, write_mesh, write_sequence_nrrd, write_stack, write_volume  # noqa: E402
@@ -204,8 +204,14 @@ def test_final_outputs_become_nodes_in_one_folder(scene, tmp_path, engine_output
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy), np.transpose(vols4[2], (2, 1, 0)), rtol=1e-6)
     np.testing.assert_allclose(ijk_to_ras_of(proxy), ijk_to_ras_of(volume), atol=1e-5)
 
+    # the rendered DSA: a sequence of 2D frames in detector pixels (not placed in patient space)
     renders = updater.node("renders")
-    assert slicer.util.arrayFromVolume(renders).shape == (5, 9, 11)
+    assert renders.IsA("vtkMRMLSequenceNode") and renders.GetNumberOfDataNodes() == 5
+    stack, _ = read_volume_file(outputs["renders"])
+    frame = renders.GetNthDataNode(3)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(frame), stack[3:4])
+    np.testing.assert_allclose(ijk_to_ras_of(frame), np.diag([0.8, 0.8, 1.0, 1.0]), atol=1e-6)
+    assert updater.node("renders_proxy") is not None and updater.node("renders_browser") is not None
 
     expected = {updater.node(r).GetID() for r in ("volume", "model", "segmentation", "sequence",
                                                    "sequence_browser", "renders", "labelmap")}

@@ -1,0 +1,386 @@
+"""The panel itself: DRGS4DSlicerWidget.setup() / enter() / exit() / cleanup() and every parameter's round trip
+GUI <-> parameter node, under stand-ins that bind widgets by the connector rules of each supported Slicer release
+(slicer_standins.CONNECTOR_RULES), with the real MRML classes and Slicer's real VTKObservationMixin (slicer-core),
+which warns when an observer is removed twice.  Also: the threshold range, the device list from --probe, the message
+on a Python too old for the engine, background input checks, and the main-thread time of every timer tick while a
+256^3 result streams in."""
+
+import pathlib
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+import slicer_standins as si  # noqa: E402
+from slicer_standins import load_module  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "DRGS4DSlicer"
+UI = MODULE_DIR / "Resources" / "UI" / "DRGS4DSlicer.ui"
+# parameters the panel keeps without a .ui binding: device (its list comes from --probe) and bookkeeping
+UNBOUND = {"device", "nFrames", "lastRunFolder"}
+
+
+@pytest.fixture(params=si.SUPPORTED_VERSIONS, ids=lambda v: f"slicer-{v}")
+def version(request):
+    return request.param
+
+
+@pytest.fixture
+def panel(monkeypatch, scene, tmp_path, version):
+    module = load_module(monkeypatch, scene, tmp_path, version)
+    widget = module.DRGS4DSlicerWidget()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # VTKObservationMixin warns "does not have observer" on a double removal
+        widget.setup()
+        widget.enter()
+        yield module, widget
+        widget.cleanup()
+    sys.modules.pop("DRGS4DSlicer", None)
+
+
+def _bound(module):
+    return {name: w for name, w in module._connections}
+
+
+# ---- binding and lifecycle ---------------------------------------------------------------------------------------
+
+def test_every_parameter_is_bound_under_the_rules_of_the_version(panel):
+    module, widget = panel
+    p = widget._parameterNode
+    assert set(_bound(module)) == set(type(p).allParameters) - UNBOUND
+    assert widget.ui.thresholdSliderWidget.maximum == module.THRESHOLD_LIMIT  # no result volume yet
+    assert widget.ui.viewsSlider.maximum == 200 and widget.ui.iterationsSlider.maximum == 60000
+
+
+def _user_value(name, widget, p, scene, tmp_path):
+    """A value different from the current one that the user could enter in the widget."""
+    current = getattr(p, name)
+    hint = type(p).allParameters[name]
+    base, extras = si._split(hint)
+    choice = si._first(extras, si.Choice)
+    if choice is not None:
+        return next(c for c in reversed(choice.choices) if c != current)
+    if base is bool:
+        return not current
+    if base is int:
+        return min(int(widget.maximum), int(current) + 7)
+    if base is float:
+        return round(float(current) / 2 + 0.001, 6)
+    if base is pathlib.Path:
+        return tmp_path / f"{name}-chosen"
+    return scene.AddNewNodeByClass(base.__name__, name)
+
+
+def _set_in_gui(widget, value):
+    if isinstance(widget, si.FakeComboBox):
+        widget.currentIndex = [t for t, _ in widget._items].index(str(value))
+    elif isinstance(widget, si.FakeCheckBox):
+        widget.checked = value
+    elif isinstance(widget, si.FakeRangeWidget):
+        widget.value = value
+    elif isinstance(widget, si.FakePathLineEdit):
+        widget.currentPath = str(value)
+    else:
+        widget.setCurrentNode(value)
+
+
+def _shown(widget):
+    if isinstance(widget, si.FakeComboBox):
+        return widget.currentText
+    if isinstance(widget, si.FakeCheckBox):
+        return widget.checked
+    if isinstance(widget, si.FakeRangeWidget):
+        return widget.value
+    if isinstance(widget, si.FakePathLineEdit):
+        return widget.currentPath
+    return widget.currentNode()
+
+
+def test_every_parameter_round_trips_between_gui_and_node(panel, scene, tmp_path):
+    module, widget = panel
+    p = widget._parameterNode
+    for name, w in sorted(_bound(module).items()):
+        value = _user_value(name, w, p, scene, tmp_path)
+        _set_in_gui(w, value)  # the user changes the widget ...
+        assert getattr(p, name) == value, name  # ... and the parameter node follows
+        back = _user_value(name, w, p, scene, tmp_path)
+        setattr(p, name, back)  # a script (or a loaded scene) changes the parameter ...
+        expected = str(back) if isinstance(w, (si.FakeComboBox, si.FakePathLineEdit)) else back
+        assert _shown(w) == expected, name  # ... and the widget shows it
+
+
+def test_exit_and_enter_again_reconnect_once(panel):
+    module, widget = panel
+    p = widget._parameterNode
+    widget.exit()
+    assert widget._parameterNode is None
+    widget.ui.seedSpinBox.value = 42  # not connected while the module is hidden
+    assert p.seed == 0
+    widget.exit()  # a second exit is harmless
+    widget.enter()
+    widget.enter()  # so is a second enter
+    assert widget.ui.seedSpinBox.value == 0  # the node's value is written back on connect
+    widget.ui.seedSpinBox.value = 5
+    assert widget._parameterNode.seed == 5
+    assert widget.hasObserver(widget._parameterNode, module.vtk.vtkCommand.ModifiedEvent,
+                              widget._onParameterNodeModified)
+
+
+def test_cleanup_stops_everything(panel):
+    module, widget = panel
+    widget._timer.start()
+    widget.cleanup()
+    assert not widget._timer.isActive() and widget._parameterNode is None
+    widget.enter()  # the fixture's cleanup runs once more: no warnings either
+
+
+def test_schedule_and_preset_set_the_iterations(panel):
+    module, widget = panel
+    widget.ui.scheduleComboBox.currentIndex = 1  # full
+    assert widget._parameterNode.iterations == 30000 and widget.ui.iterationsSlider.value == 30000
+    widget.ui.presetComboBox.currentIndex = 2  # tiny
+    assert widget._parameterNode.iterations == 150
+
+
+def test_threshold_slider_follows_the_result_volume(panel, scene):
+    module, widget = panel
+    p = widget._parameterNode
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "result")
+    slicer.util.updateVolumeFromArray(volume, np.linspace(0, 0.05, 64, dtype=np.float32).reshape(4, 4, 4))
+    p.resultVolume = volume
+    slider = widget.ui.thresholdSliderWidget
+    assert slider.maximum == pytest.approx(0.05) and slider.singleStep == pytest.approx(0.0001)
+    assert p.threshold == pytest.approx(0.008)
+    slider.value = 0.03
+    assert p.threshold == pytest.approx(0.03)
+    widget.exit()
+    widget.enter()  # connecting sets the annotation's range again; the panel restores the volume's
+    assert widget.ui.thresholdSliderWidget.maximum == pytest.approx(0.05)
+    assert widget._parameterNode.threshold == pytest.approx(0.03)
+
+
+# ---- device list, GPU messages, old Python -----------------------------------------------------------------------
+
+PROBE_GPUS = {"event": "probe", "python": "3.12.10", "drgs_core": "0.1.0", "torch": "2.7.1+cu128",
+              "cuda": [{"index": 0, "name": "NVIDIA RTX A6000", "memory_gb": 47.5},
+                       {"index": 1, "name": "NVIDIA RTX A6000", "memory_gb": 47.5}],
+              "problem": None, "backend": "torch", "backend_device": "cuda:0", "it_per_s": 10.0, "fast_run_s": 1015}
+PROBE_CPU = dict(PROBE_GPUS, cuda=[], backend="torch", backend_device="cpu", it_per_s=None, fast_run_s=None)
+
+
+def test_device_list_comes_from_the_probe(panel):
+    module, widget = panel
+    p = widget._parameterNode
+    combo = widget.ui.deviceComboBox
+    assert [d for _, d in combo._items] == ["auto", "cpu"]
+    widget._onProbed(PROBE_GPUS)
+    assert [d for _, d in combo._items] == ["auto", "cpu", "cuda:0", "cuda:1"]
+    assert combo._items[3][0] == "GPU 1: NVIDIA RTX A6000 (47.5 GB)"
+    combo.currentIndex = 3
+    assert p.device == "cuda:1"
+    p.device = "cpu"
+    assert combo.currentText == "CPU"
+    text = widget.ui.deviceInfoLabel.text
+    assert "PyTorch 2.7.1+cu128" in text and "PyTorch reference renderer" in text and "16 min" in text
+    widget._onProbed(dict(PROBE_GPUS, cuda=[]))  # a scene saved on a GPU machine keeps its device visible
+    p.device = "cuda:1"
+    assert combo.currentText == "cuda:1"
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_no_cuda_gpu_says_so_and_offers_the_cpu(monkeypatch, scene, tmp_path, answer):
+    module = load_module(monkeypatch, scene, tmp_path, "5.12", answer=answer)
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    widget.enter()
+    widget._onProbed(PROBE_CPU)
+    assert "No CUDA GPU found" in widget.ui.deviceInfoLabel.text
+    assert widget._confirmDevice() is answer
+    assert module._record.named("confirm") and "no CUDA GPU" in module._record.named("confirm")[0][1][1]
+    assert widget._parameterNode.device == ("cpu" if answer else "auto")
+    widget.cleanup()
+
+
+def test_a_python_too_old_for_the_engine_gets_a_plain_message(monkeypatch, scene, tmp_path):
+    module = load_module(monkeypatch, scene, tmp_path, "5.8")
+    monkeypatch.setattr(module, "ENGINE_MIN_PYTHON", (99, 0))
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    assert "needs Python 99.0 or later" in widget.ui.statusLabel.text
+    assert "Slicer 5.10" in widget.ui.statusLabel.text
+    p = widget._parameterNode
+    assert p.useExternalPython  # the only way to run here
+    p.useExternalPython = False
+    p.caseFolder = tmp_path
+    widget.onApplyButton()
+    assert widget._job is None
+    assert "needs Python 99.0" in module._record.named("errorDisplay")[0][1][0]
+    widget.cleanup()
+
+
+# ---- mutations: the stand-ins reject what Slicer rejects, per version -------------------------------------------
+
+def _mutated_module_dir(tmp_path, py=None, ui=None):
+    target = tmp_path / "mutated" / "DRGS4DSlicer"
+    shutil.copytree(MODULE_DIR / "Resources", target / "Resources")
+    text = (MODULE_DIR / "DRGS4DSlicer.py").read_text()
+    if py:
+        assert py[0] in text
+        text = text.replace(py[0], py[1], 1)
+    (target / "DRGS4DSlicer.py").write_text(text)
+    if ui:
+        ui_text = UI.read_text()
+        assert ui[0] in ui_text
+        (target / "Resources" / "UI" / "DRGS4DSlicer.ui").write_text(ui_text.replace(ui[0], ui[1], 1))
+    return target
+
+
+MUTATIONS = [
+    # the annotation before this fix: a slider needs both bounds
+    ("threshold: Minimum(0.0)", dict(py=("threshold: Annotated[float, WithinRange(0.0, THRESHOLD_LIMIT)]",
+                                         "threshold: Annotated[float, Minimum(0.0)]")),
+     {"5.6": "unbounded", "5.8": "unbounded", "5.10": "unbounded", "5.12": "unbounded"}),
+    ("ctkCheckBox before 5.8", dict(ui=('class="QCheckBox" name="staticFieldCheckBox"',
+                                        'class="ctkCheckBox" name="staticFieldCheckBox"')),
+     {"5.6": "Unable to create GUI connector"}),
+    ("int on a ctkSliderWidget before 5.10", dict(ui=('class="QSpinBox" name="seedSpinBox"',
+                                                      'class="ctkSliderWidget" name="seedSpinBox"')),
+     {"5.6": "Unable to create", "5.8": "Unable to create", "5.10": "unbounded", "5.12": "unbounded"}),
+    ("QComboBox without Choice", dict(py=("    schedule: Annotated[str, Choice([\"fast\", \"full\"])] = \"fast\"",
+                                          "    schedule: str = \"fast\"")),
+     {v: "requires the Choice" for v in si.SUPPORTED_VERSIONS}),
+]
+
+
+@pytest.mark.parametrize("label, mutation, failures", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_the_rules_reject_what_slicer_rejects(monkeypatch, scene, tmp_path, version, label, mutation, failures):
+    module_dir = _mutated_module_dir(tmp_path, **mutation)
+    module = load_module(monkeypatch, scene, tmp_path, version, module_dir=module_dir)
+    widget = module.DRGS4DSlicerWidget()
+    if version in failures:
+        with pytest.raises(RuntimeError, match=failures[version]):
+            widget.setup()
+        widget.removeObservers()  # setup stopped half-way: the scene must not call back into this widget
+    else:
+        widget.setup()
+        widget.cleanup()
+    sys.modules.pop("DRGS4DSlicer", None)
+
+
+# ---- background checks and main-thread time ----------------------------------------------------------------------
+
+def _tick_until(widget, done, timeout=120.0):
+    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s)."""
+    durations, deadline = [], time.monotonic() + timeout
+    while not done():
+        t0 = time.thread_time()  # CPU time of this (the main) thread: stable on a busy machine
+        widget.onPollWorker()
+        durations.append(time.thread_time() - t0)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return durations
+
+
+def test_check_inputs_runs_in_the_background(monkeypatch, scene, tmp_path, tiny_case, worker_env):
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, value)
+    module = load_module(monkeypatch, scene, tmp_path, "5.10")
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    widget.enter()
+    widget._task[1].cancel()  # the probe started by enter()
+    widget._task = None
+    p = widget._parameterNode
+    p.caseFolder = pathlib.Path(tiny_case)
+    t0 = time.perf_counter()
+    widget.onCheckInputs()
+    assert time.perf_counter() - t0 < 0.5  # starting a process, not reading the case
+    assert "background" in widget.ui.inputSummaryLabel.text
+    assert not widget.ui.checkInputsButton.enabled and widget._timer.isActive()
+    ticks = _tick_until(widget, lambda: widget._task is None)
+    assert "16 frames" in widget.ui.inputSummaryLabel.text, widget.ui.inputSummaryLabel.text
+    assert p.nFrames == 16 and widget.ui.viewsSlider.maximum == 16 and widget.ui.checkInputsButton.enabled
+    assert max(ticks) < 0.1
+    p.caseFolder = tmp_path / "missing"
+    widget.onCheckInputs()
+    assert "does not exist" in widget.ui.inputSummaryLabel.text and widget._task is None
+    widget.cleanup()
+
+
+class ScriptedWorker:
+    """Hands out prepared worker events, a few per poll, like a worker process would."""
+
+    def __init__(self, events):
+        self.pending = list(events) + [{"event": "exit", "returncode": 0}]
+        self.returncode = None
+
+    def poll_events(self):
+        out, self.pending = self.pending[:2], self.pending[2:]
+        return out
+
+    def finished(self):
+        return not self.pending
+
+
+@pytest.fixture(scope="module")
+def big_result(tmp_path_factory):
+    """A 256^3 result as the engine writes it, and one training preview."""
+    from drgs_core.geometry import VolumeGrid
+    from drgs_core.io import write_mesh, write_sequence_nrrd, write_stack, write_volume
+    from drgs_core.preview import write_preview
+
+    folder = tmp_path_factory.mktemp("big")
+    grid = VolumeGrid((256, 256, 256), (0.5, 0.5, 0.5))
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, 256, dtype=np.float32)] * 3, indexing="ij")
+    vol = (0.04 * np.exp(-((x - 0.1) ** 2 + y ** 2 + (z + 0.2) ** 2) / 0.05)).astype(np.float32)
+    snap = write_preview(folder / "snapshots", 10, vol, grid, level=0.008)
+    verts = np.array([[0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]], float)
+    faces = np.array([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
+    outputs = {"volume": str(write_volume(folder / "volume.nrrd", vol, grid)),
+               "mesh_vtk": str(write_mesh(folder / "mesh.vtk", verts, faces)),
+               "volume_4d": str(write_sequence_nrrd(folder / "volume_4d.seq.nrrd", np.stack([vol, 0.5 * vol]), grid,
+                                                    [0.0, 0.5])),
+               "renders": str(write_stack(folder / "renders.nrrd", np.random.default_rng(0).random(
+                   (8, 128, 128), dtype=np.float32), (0.6, 0.6)))}
+    return snap, outputs, vol
+
+
+def test_no_timer_tick_takes_longer_than_100_ms_on_a_256_cubed_result(monkeypatch, scene, tmp_path, big_result):
+    from DRGS4DSlicerLib.job import ReconstructionJob
+
+    snap, outputs, vol = big_result
+    assert snap["factor"] == 2  # the worker shrank the preview to 128^3
+    module = load_module(monkeypatch, scene, tmp_path, "5.12")
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    job = ReconstructionJob(scene, {"case": "x"}, tmp_path / "run", name="big",
+                            load_options={"load_sequence": True, "load_renders": True})
+    job.worker = ScriptedWorker([
+        {"event": "started", "run_dir": str(tmp_path / "run"), "n_frames": 133, "views": 30, "iterations": 20,
+         "device": "cuda:0"},
+        {"event": "snapshot", "iteration": 10, "volume": snap["volume"], "mesh": snap["mesh"]},
+        {"event": "progress", "stage": "train", "iteration": 15, "iterations": 20},
+        {"event": "snapshot", "iteration": 20, "volume": snap["volume"], "mesh": snap["mesh"]},
+        {"event": "done", "outputs": outputs, "metrics": {"iso_level": 0.008, "total_s": 31.0}}])
+    job.state.status = "running"
+    job.on_event = widget._onJobEvent
+    job.updater.on_preview_volume = widget._onPreviewVolume
+    _ = job.updater.sequences_logic, job.updater.segmentations_logic  # Slicer made these at start-up
+    widget._job = job
+    widget._timer.start()
+    ticks = _tick_until(widget, lambda: widget._job is None)
+    assert job.state.status == "done", job.state.error
+    p = widget._parameterNode
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(p.resultVolume), np.transpose(vol, (2, 1, 0)))
+    assert job.updater.node("sequence").GetNumberOfDataNodes() == 2
+    assert job.updater.node("renders").GetNumberOfDataNodes() == 8
+    assert p.threshold == pytest.approx(0.008) and "Finished in 31 s" in widget.ui.statusLabel.text
+    assert len(ticks) > 12  # the result arrived in pieces
+    assert max(ticks) < 0.1, sorted(ticks)[-5:]
+    widget.cleanup()
