@@ -59,7 +59,11 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0"]},
+    extras_require={
+        "batch": ["ray==2.60.0"],  # drgs4d batch
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # drgs4d serve
+        "test": ["pytest>=7", "slicer-core==5.13.31053.0", "ray==2.60.0", "fastapi>=0.110", "uvicorn>=0.29"],
+    },
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
     **_cuda_extension_kwargs(),
 )
