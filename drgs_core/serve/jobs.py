@@ -84,11 +84,23 @@ class JobManager:
                 log.warning("skipping the unreadable job record %s: %s", path, exc)
                 continue
             self._jobs[job["id"]] = job
-            if job["state"] in ("queued", "running"):  # the server stopped under it: run again, from the checkpoint
+            if job["state"] not in ("queued", "running"):
+                continue
+            last = self._last_event(job["id"])
+            if last is not None and last.get("event") in TERMINAL_EVENTS:  # it ended just before the server did
+                job.update(state="done" if last["event"] == "done" else last["event"], finished=job["finished"] or _now())
+            else:  # the server stopped under it: run it again, from its checkpoint
                 job.update(state="queued", resume=True)
-                self._save(job)
                 self._queue.put(job["id"])
+            self._save(job)
         log.info("%d jobs on disk", len(self._jobs))
+
+    def _last_event(self, job_id: str) -> dict | None:
+        try:
+            lines = (self.folder(job_id) / "events.jsonl").read_text(encoding="utf-8").strip().splitlines()
+            return json.loads(lines[-1]) if lines else None
+        except (OSError, ValueError):
+            return None
 
     def get(self, job_id: str) -> dict | None:
         with self._lock:
