@@ -110,12 +110,13 @@ class Server:
         it.close()
         return out
 
-    def wait_state(self, job_id: str, states=("done", "error", "cancelled"), timeout: float = 180) -> dict:
+    def wait_state(self, job_id: str, states=("done", "error", "cancelled"), timeout: float = 180,
+                   exited: bool = False) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status, job = self.call("GET", f"/jobs/{job_id}")
             assert status == 200, job
-            if job["state"] in states:
+            if job["state"] in states and (not exited or job["exit_code"] is not None):
                 return job
             time.sleep(0.2)
         raise TimeoutError(f"job {job_id} stayed {job['state']}")

@@ -2,8 +2,8 @@
 
 One server (two CPU slots, a data root, a 1 MiB upload limit) runs a long job B and a short job A side by side:
 A finishes while B still runs (two slots), A's event stream is dropped after two events and picked up again with
-Last-Event-ID after A has finished, B is cancelled mid-training and keeps its checkpoint.  A second server shows the
-full round trip and that a restarted server lists (and serves) its finished jobs.  The security tests send a wrong
+Last-Event-ID after A has finished, B is cancelled mid-training and keeps its checkpoint.  A restart shows the
+results download and that a restarted server lists (and serves) its finished jobs.  The security tests send a wrong
 token, archives that escape the job folder, paths outside the data root and an oversize upload.
 """
 
@@ -89,7 +89,7 @@ def test_events_survive_a_disconnect_and_resume_without_gaps(server, two_jobs):
 def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(server, two_jobs):
     last = two_jobs["long_events"][-1][1]
     assert last["event"] == "cancelled" and last["checkpoint"].endswith("checkpoint.pt")
-    job = server.wait_state(two_jobs["long"]["id"])
+    job = server.wait_state(two_jobs["long"]["id"], exited=True)
     assert job["state"] == "cancelled" and job["exit_code"] == 3
     status, files = server.call("GET", f"/jobs/{job['id']}/files")
     assert "checkpoint.pt" in [f["path"] for f in files["files"]]
@@ -97,35 +97,29 @@ def test_cancel_stops_a_running_job_and_keeps_its_checkpoint(server, two_jobs):
     assert status == 200 and not (server.data / "jobs" / job["id"]).exists()
 
 
-def test_round_trip_and_restart(tiny_case, tmp_path):
-    srv = Server(tmp_path / "data", workers=1).start()
-    try:
-        token_mode = stat.S_IMODE(os.stat(srv.data / "token").st_mode)
-        job = _submit_upload(srv, tiny_case, tmp_path)
-        events = srv.events(job["id"])
-        assert events[-1][1]["event"] == "done"
-        assert [e["event"] for _, e in events].count("started") == 1
-    finally:
-        srv.stop()
-    srv = Server(tmp_path / "data", workers=1).start()  # a restart: the finished job is listed and served again
-    try:
-        status, listing = srv.call("GET", "/jobs")
-        assert status == 200 and [(j["id"], j["state"]) for j in listing["jobs"]] == [(job["id"], "done")]
-        status, raw = srv.call("GET", f"/jobs/{job['id']}/result")
-        assert status == 200
-        out = srv.data / "jobs" / job["id"] / "out"
-        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            sent = {n: zf.read(n) for n in zf.namelist()}
-        expected = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-        assert sent == expected and "volume.nii.gz" in sent and "metrics.json" in sent
-        status, one = srv.call("GET", f"/jobs/{job['id']}/files/metrics.json")
-        assert status == 200 and one["n_gaussians"] == json.loads((out / "metrics.json").read_text())["n_gaussians"] > 0
-        assert srv.call("DELETE", f"/jobs/{job['id']}")[0] == 200
-        assert srv.call("GET", f"/jobs/{job['id']}")[0] == 404
-        assert srv.call("GET", "/jobs")[1]["jobs"] == []
-    finally:
-        srv.stop()
-    assert token_mode == 0o600 and (srv.data / "token").read_text().strip() == srv.token  # same token after restart
+def test_results_download_and_a_restarted_server_lists_its_jobs(server, two_jobs):
+    job = two_jobs["short"]
+    assert stat.S_IMODE(os.stat(server.data / "token").st_mode) == 0o600
+    token = server.token
+    server.stop()
+    server.start()  # a restart on the same folder: the finished job is listed and served again
+    assert server.token == token
+    status, listing = server.call("GET", "/jobs")
+    assert status == 200 and (job["id"], "done") in [(j["id"], j["state"]) for j in listing["jobs"]]
+    status, raw = server.call("GET", f"/jobs/{job['id']}/result")
+    assert status == 200
+    out = server.data / "jobs" / job["id"] / "out"
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        sent = {n: zf.read(n) for n in zf.namelist()}
+    expected = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert sent == expected and "volume.nii.gz" in sent and "checkpoint.pt" in sent
+    status, raw = server.call("GET", f"/jobs/{job['id']}/result?checkpoint=false")
+    assert set(zipfile.ZipFile(io.BytesIO(raw)).namelist()) == set(sent) - {"checkpoint.pt"}
+    status, one = server.call("GET", f"/jobs/{job['id']}/files/metrics.json")
+    assert status == 200 and one["n_gaussians"] == json.loads((out / "metrics.json").read_text())["n_gaussians"] > 0
+    assert server.call("DELETE", f"/jobs/{job['id']}")[0] == 200
+    assert server.call("GET", f"/jobs/{job['id']}")[0] == 404
+    assert not (server.data / "jobs" / job["id"]).exists()
 
 
 def test_every_endpoint_needs_the_token(server):

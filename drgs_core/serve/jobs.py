@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 STATES = ("queued", "running", "done", "error", "cancelled")
 FINAL = ("done", "error", "cancelled")
 TERMINAL_EVENTS = ("done", "cancelled", "error")
-EXIT_STATE = {0: "done", 2: "error", 3: "cancelled"}
 KILL_AFTER_S = 120.0  # a cancelled worker that has not stopped by then is killed
 JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
@@ -88,7 +87,7 @@ class JobManager:
                 continue
             last = self._last_event(job["id"])
             if last is not None and last.get("event") in TERMINAL_EVENTS:  # it ended just before the server did
-                job.update(state="done" if last["event"] == "done" else last["event"], finished=job["finished"] or _now())
+                job.update(state=last["event"], finished=job["finished"] or _now())
             else:  # the server stopped under it: run it again, from its checkpoint
                 job.update(state="queued", resume=True)
                 self._queue.put(job["id"])
@@ -226,14 +225,17 @@ class JobManager:
                     last = json.loads(line)
                 except ValueError:
                     continue
+                if last.get("event") in TERMINAL_EVENTS:  # the outputs are written: final from now on
+                    self._update(job_id, state=last["event"],
+                                 finished=_now(), message=last.get("message"))
         code = proc.wait()
         with self._lock:
             self._procs.pop(job_id, None)
-        state = EXIT_STATE.get(code, "error")
-        message = last.get("message") if last and last.get("event") == "error" else None
-        if not last or last.get("event") not in TERMINAL_EVENTS:
+        if last is None or last.get("event") not in TERMINAL_EVENTS:
             message = f"the worker process ended without a result (exit code {code}); see worker.log"
             self._append(job_id, {"event": "error", "kind": "crashed", "message": message})
-            state = "error"
-        self._update(job_id, state=state, finished=_now(), exit_code=code, message=message)
+            self._update(job_id, state="error", finished=_now(), exit_code=code, message=message)
+        else:
+            self._update(job_id, exit_code=code)
+        state = self.get(job_id)["state"]
         log.info("job %s: %s", job_id, state)
