@@ -160,7 +160,7 @@ def read_jobs(source, out_root, defaults: dict | None = None) -> list[Job]:
     """The jobs of a batch input (see the module docstring).  `defaults` (ReconstructConfig keys) apply where a row
     does not say otherwise.  Problems of the input as a whole raise DRGSInputError; problems of one row are kept
     in that job's ``problem`` so that the other jobs still run."""
-    source, out_root = Path(source), Path(out_root)
+    source, out_root = Path(source), Path(out_root).absolute()  # Ray workers may run in another folder
     if not source.exists():
         raise DRGSInputError("the batch input does not exist", str(source),
                              "a folder of case folders or a .csv/.json manifest")
