@@ -20,6 +20,7 @@ from drgs_core.batch import jobs as batch_jobs
 from drgs_core.batch import read_jobs
 
 ray = pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
 from drgs_core.batch.runner import run_batch  # noqa: E402
 
 DEFAULTS = {"preset": "tiny", "device": "cpu", "views": 8, "n_gaussians": 300, "times_4d": 2, "iterations": 30}
@@ -148,24 +149,33 @@ def test_rerun_skips_finished_jobs(first_batch):
     assert stamps == {n: os.stat(folder / "out" / n / "volume.nii.gz").st_mtime_ns for n in stamps}
 
 
-def test_stop_request_checkpoints_running_jobs_and_cancels_queued(ray_local, tiny_case, tmp_path):
+def _stop_once_training(jobs, out, at_iteration):
+    """run_batch with a stop request (as on Ctrl-C) once a job trains past `at_iteration`."""
+    state = {"stop": False}
+
+    def watch(update):
+        state["stop"] = state["stop"] or any(
+            i.get("stage") == "train" and (i.get("iteration") or 0) >= at_iteration for i in update["live"].values())
+
+    return run_batch(jobs, out, should_stop=lambda: state["stop"], on_update=watch, poll_s=0.1, cpus_per_job=2,
+                     stop_grace_s=60)
+
+
+def test_stop_request_checkpoints_running_jobs_and_a_rerun_resumes(ray_local, tiny_case, tmp_path):
     rows = [{"name": f"s{i}", "case": str(tiny_case), "iterations": 2000, "checkpoint_every": 5, "seed": i}
             for i in range(2)]
     (tmp_path / "m.json").write_text(json.dumps(rows))
     jobs = read_jobs(tmp_path / "m.json", tmp_path / "out", DEFAULTS)
-    seen = {}
-
-    def training(state):
-        seen.update(state["live"])
-        return any(i.get("stage") == "train" and (i.get("iteration") or 0) >= 6 for i in seen.values())
-
-    box = {}
-    records = run_batch(jobs, tmp_path / "out", should_stop=lambda: box.get("stop", False),
-                        on_update=lambda s: box.update(stop=training(s)), poll_s=0.1,
-                        cpus_per_job=2, stop_grace_s=60)
+    records = _stop_once_training(jobs, tmp_path / "out", 6)
     statuses = {r["name"]: (r["status"], r.get("error")) for r in records}
     assert {s for s, _ in statuses.values()} == {"cancelled"}, statuses
     with_checkpoint = [r for r in records if r.get("checkpoint")]
-    assert with_checkpoint, "no running job saved a checkpoint"
-    assert all(os.path.isfile(r["checkpoint"]) for r in with_checkpoint)
     assert len(with_checkpoint) == 1  # two CPUs, two per job: one ran, the other was cancelled in the queue
+    ran = with_checkpoint[0]
+    saved = torch.load(ran["checkpoint"], map_location="cpu", weights_only=False)["state"]["iteration"]
+    assert saved >= 5
+    # the same batch again: the stopped job continues from its checkpoint instead of starting over
+    rerun = [j for j in jobs if j.name == ran["name"]]
+    again = {r["name"]: r for r in _stop_once_training(rerun, tmp_path / "out", saved + 2)}
+    assert again[ran["name"]]["resumed"] is True
+    assert again[ran["name"]]["first_train_iteration"] == saved + 1
