@@ -59,7 +59,7 @@ class _BatchDisplay:
 
 def cmd_batch(a) -> int:
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError as exc:
         return _missing("batch", exc)
     from .batch import read_jobs
@@ -72,9 +72,6 @@ def cmd_batch(a) -> int:
     jobs = read_jobs(a.input, a.out, defaults)
     bad = [j for j in jobs if j.problem]
     print(f"{len(jobs)} jobs ({len(bad)} with input errors) -> {a.out}", file=sys.stderr)
-
-    import ray
-
     ray.init(address=a.address, include_dashboard=False, log_to_driver=a.verbose)
     stop = threading.Event()
 

@@ -58,8 +58,6 @@ def run_job(name: str, config: dict, out: str, resume: bool, coordinator) -> dic
     """
     import platform
 
-    import ray
-
     from ..errors import DRGSInputError
     from ..pipeline import ReconstructConfig, run_reconstruction
 

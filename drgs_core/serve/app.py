@@ -27,7 +27,9 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ SERVER_KEYS = ("out", "resume")  # chosen by the server, never by a client
 UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 KEEPALIVE_S = 15.0
 POLL_S = 0.2
+STALE_UPLOAD_S = 24 * 3600
 
 
 @dataclass
@@ -86,12 +89,22 @@ def _default_slots(workers: int | None) -> list[dict]:
     return [{"CUDA_VISIBLE_DEVICES": ""} for _ in range(max(1, workers or 1))]
 
 
+def _remove_older_than(folder: Path, seconds: float) -> None:
+    for p in folder.iterdir():
+        if time.time() - p.stat().st_mtime > seconds:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def create_app(settings: ServerSettings):
     data_dir = Path(settings.data_dir)
     uploads = data_dir / "uploads"
     scratch = data_dir / "tmp"
     for d in (uploads, scratch):
         d.mkdir(parents=True, exist_ok=True)
+        _remove_older_than(d, STALE_UPLOAD_S)  # uploads never submitted, downloads cut off
     token = load_or_create_token(settings.token_file)
     manager = JobManager(data_dir, settings.slots or [{"CUDA_VISIBLE_DEVICES": ""}])
 
@@ -158,8 +171,6 @@ def create_app(settings: ServerSettings):
             try:
                 count = await asyncio.to_thread(safe_extract, part, target, 4 * limit)
             except BaseException:
-                import shutil
-
                 shutil.rmtree(target, ignore_errors=True)
                 raise
         finally:
@@ -215,8 +226,6 @@ def create_app(settings: ServerSettings):
             request.update(case_inputs(base, options), out=str(folder / "out"))
             request = ReconstructConfig.from_dict(request).to_dict()  # the engine's own validation, up front
         except BaseException:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return manager.submit(job_id, request, options, "upload" if "upload" in body else f"path:{body['path']}")

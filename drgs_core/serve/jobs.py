@@ -205,9 +205,11 @@ class JobManager:
             write_text_atomic(folder / "request.json", json.dumps(request, indent=1))
         env = {**os.environ, **env_extra}
         with open(folder / "worker.log", "ab") as errlog:
-            proc = subprocess.Popen([sys.executable, "-m", "drgs_core.worker", "--config", str(folder / "request.json")],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog, env=env,
-                                    start_new_session=True)
+            # --watch-stdin: if the server dies, the pipe closes and the worker checkpoints and stops; the job is
+            # then queued again on the next start and resumes from that checkpoint
+            proc = subprocess.Popen([sys.executable, "-m", "drgs_core.worker", "--config", str(folder / "request.json"),
+                                     "--watch-stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errlog,
+                                    env=env, start_new_session=True)
         with self._lock:
             self._procs[job_id] = proc
             cancel_now = self._jobs[job_id].get("cancel_requested")
@@ -229,6 +231,7 @@ class JobManager:
                     self._update(job_id, state=last["event"],
                                  finished=_now(), message=last.get("message"))
         code = proc.wait()
+        proc.stdin.close()
         with self._lock:
             self._procs.pop(job_id, None)
         if last is None or last.get("event") not in TERMINAL_EVENTS:
