@@ -136,7 +136,9 @@ def cmd_serve(a) -> int:
           f"{settings.token_file}", file=sys.stderr)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine; put it behind a TLS reverse proxy (see README)", file=sys.stderr)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info")
+    # open event streams must not hold a shutdown forever; jobs left running resume on the next start
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if not a.verbose else "info",
+                timeout_graceful_shutdown=5)
     return 0
 
 
