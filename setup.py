@@ -64,15 +64,18 @@ setup(
         "matplotlib>=3.7",
         "pydicom>=3.0",  # DICOM import of rotational XA (drgs_core.io.dicom)
     ],
-    # triton in "test": the Triton kernels also run on the CPU in CI, through its interpreter (>= 3.2 so that
-    # a CUDA build of torch keeps the triton it ships with)
-    extras_require={"test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'",
-                             "vermin==1.6.0"],
-                    # decoders for compressed XA pixel data (JPEG lossless / JPEG 2000); pydicom uses them if present
-                    "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"],
-                    # toolkit-free GPU kernels (Linux CUDA wheels of torch already bring triton)
-                    "triton": ["triton>=3.0; platform_system == 'Linux'",
-                               "triton-windows>=3.0; platform_system == 'Windows'"]},
+    extras_require={
+        "batch": ["ray==2.60.0"],  # drgs4d batch
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],  # drgs4d serve
+        # decoders for compressed XA pixel data (JPEG lossless / JPEG 2000); pydicom uses them if present
+        "dicom": ["pylibjpeg>=2.0", "pylibjpeg-libjpeg>=2.1", "pylibjpeg-openjpeg>=2.3"],
+        # toolkit-free GPU kernels (Linux CUDA wheels of torch already bring triton)
+        "triton": ["triton>=3.0; platform_system == 'Linux'", "triton-windows>=3.0; platform_system == 'Windows'"],
+        # triton in "test": the Triton kernels also run on the CPU in CI, through its interpreter (>= 3.2 so that a
+        # CUDA build of torch keeps the triton it ships with); vermin checks the Slicer module's Python 3.9 syntax
+        "test": ["pytest>=7", "slicer-core==5.13.31053.0", "triton>=3.2; platform_system == 'Linux'",
+                 "vermin==1.6.0", "ray==2.60.0", "fastapi>=0.110", "uvicorn>=0.29"],
+    },
     entry_points={"console_scripts": ["drgs4d=drgs_core.cli:main"]},
     **_cuda_extension_kwargs(),
 )

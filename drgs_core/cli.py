@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_demo)
     cli_dicom.add_parser(sub)
+
+    from .cli_batch import add_batch_parser, add_serve_parser  # many cases (Ray) and the remote server (FastAPI)
+    add_batch_parser(sub), add_serve_parser(sub)
     return p
 
 
