@@ -14,7 +14,7 @@ done
 for x in devwhl/*.tar.xz; do [ -f "$x" ] && tar -xJf "$x" -C /tmp/site; done
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/info.txt"
-python3 -c "from drgs_core._ext import load_extension, extension_info; assert load_extension() is not None; print(extension_info())" \
+python3 -c "from drgs_core.cuda._backend import load_extension, extension_info; assert load_extension() is not None; print(extension_info())" \
   > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -20 "$OUT/build.log"; exit 1; }
 ARGS=${*:---size 256,128 --runs paper:30:fast hard:30:fast paper:30:full hard:30:full paper:20:fast paper:10:fast hard:30:fast:off demo:30:fast}
 timeout ${QUALITY_TIMEOUT:-3000} python3 bench/quality.py --out /tmp/q --results "$OUT/RESULTS_quality.md" $ARGS 2>&1 \

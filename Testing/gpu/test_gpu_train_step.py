@@ -38,6 +38,8 @@ def test_graph_replay_matches_eager_steps(use_backend):
     from drgs_core.model.density import DensityStats
     from drgs_core.train_step import StepRunner
 
+    if use_backend == "triton":
+        pytest.skip("the Triton backward is not capturable yet: StepRunner runs it eagerly")
     runs = {}
     for use_graph in (False, True):
         model, dsa, cams, cfg, make_optimizer = _setup()
@@ -147,7 +149,8 @@ def test_graph_run_resumes_from_its_checkpoint(use_backend, tiny_case, tmp_path)
     done = run_reconstruction(ReconstructConfig(resume=True, **base), on_event=on_resumed)
     m = done["metrics"]
     assert done["status"] == "done" and m["iterations"] == 200
-    assert m["cuda_graph"] is True and m["graph_captures"] >= 1 and m["skipped_iterations"] == 0
+    graph = use_backend == "cuda-ext"  # the Triton step runs eagerly (its backward is not capturable yet)
+    assert m["cuda_graph"] is graph and (m["graph_captures"] >= 1) is graph and m["skipped_iterations"] == 0
     assert m["backend"] == use_backend
     assert first["it"] > 100  # continued from the checkpoint, not from scratch
     fresh = run_reconstruction(ReconstructConfig(**{**base, "out": str(tmp_path / "fresh")}))["metrics"]

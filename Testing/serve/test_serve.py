@@ -78,7 +78,8 @@ def test_two_jobs_run_at_once(two_jobs):
 def test_events_survive_a_disconnect_and_resume_without_gaps(server, two_jobs):
     events = two_jobs["first"] + two_jobs["rest"]
     assert [i for i, _ in events] == list(range(len(events)))   # no event lost or repeated
-    assert events[-1][1]["event"] == "done" and events[0][1]["event"] == "progress"
+    # the worker's first event names its interpreter (the protocol's "worker" event), then the run's progress
+    assert events[-1][1]["event"] == "done" and [e["event"] for _, e in events[:2]] == ["worker", "progress"]
     on_disk = (server.data / "jobs" / two_jobs["short"]["id"] / "events.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in on_disk] == [e for _, e in events]
     assert all(e["protocol"] == 1 for _, e in events)
