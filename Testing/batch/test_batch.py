@@ -87,6 +87,27 @@ def test_folder_of_cases_and_csv_cells(tiny_case, tmp_path):
         read_jobs(root / "notes", tmp_path / "out")
 
 
+def test_a_dicom_root_gives_one_job_per_mask_fill_pair(tiny_case, tmp_path):
+    """Two studies written as rotational XA: each becomes a job pointing at its own files and runs."""
+    import numpy as np
+
+    from drgs_core.io import read_case
+    from drgs_core.io.dicom import import_dicom
+    from drgs_core.io.dicom_write import case_to_dicom
+
+    case = read_case(tiny_case)
+    root = tmp_path / "dicom"
+    case_to_dicom(case, root / "study_a", style="ge")
+    case_to_dicom(case, root / "study_b", style="siemens", mask_reversed=True)
+    jobs = read_jobs(root, tmp_path / "out", {"preset": "tiny"})
+    assert len(jobs) == 2 and len({j.name for j in jobs}) == 2
+    assert sorted(os.path.basename(j.config["dicom"]) for j in jobs) == ["study_a", "study_b"]
+    for job in jobs:
+        assert job.problem is None and job.config["fill_uid"] != job.config["mask_uid"]
+        imported = import_dicom(job.config["dicom"], fill=job.config["fill_uid"], mask=job.config["mask_uid"]).case
+        assert np.allclose(imported.geometry.primary_angles, case.geometry.primary_angles, atol=1e-6)
+
+
 # ---- Ray runs ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

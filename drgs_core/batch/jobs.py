@@ -7,8 +7,11 @@ Inputs (:func:`read_jobs`):
   (``case`` or ``fill``/``mask``/``geometry``, ``views``, ``schedule``, ...); an empty cell keeps the default;
 * a JSON manifest (``.json``): a list of such objects, or ``{"defaults": {...}, "jobs": [...]}``.
 
-Relative paths in a manifest are relative to the manifest's folder.  More input kinds (a DICOM root, once DICOM
-import exists) plug in with :func:`register_input_kind`.
+* a DICOM root (a folder holding no case folders but DICOM files, any depth): one job per mask/fill pair of
+  rotational XA runs that `drgs_core.io.dicom` finds, named after the study and the fill run.
+
+Relative paths in a manifest are relative to the manifest's folder.  More input kinds plug in with
+:func:`register_input_kind`.
 
 Every job writes into ``OUT/<name>/`` (a normal ``reconstruct`` output folder); its state record lives in
 ``OUT/batch_state/<name>.json`` and is replaced atomically.  A record with status ``done`` and the same option
@@ -34,7 +37,7 @@ from ..io.atomic import write_text_atomic
 log = logging.getLogger(__name__)
 
 STATE_DIR = "batch_state"
-PATH_KEYS = ("case", "fill", "mask", "geometry")
+PATH_KEYS = ("case", "fill", "mask", "geometry", "dicom")
 STATUSES = ("pending", "running", "done", "error", "cancelled")
 
 
@@ -57,7 +60,7 @@ class Job:
 
     @property
     def case_label(self) -> str:
-        return str(self.config.get("case") or self.config.get("fill") or "")
+        return str(self.config.get("case") or self.config.get("dicom") or self.config.get("fill") or "")
 
 
 # ---- reading the input ---------------------------------------------------------------------------------------------
@@ -130,7 +133,45 @@ def _read_json(path: Path) -> list[dict]:
     return [{**defaults, **row} for row in data]
 
 
+def _is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (PS3.10 7.1)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_dicom_root(path: Path, max_files: int = 2000) -> bool:
+    if not path.is_dir() or any(_is_case_folder(p) for p in path.iterdir() if p.is_dir()):
+        return False
+    files = (f for f in path.rglob("*") if f.is_file())
+    return any(_is_dicom_file(f) for _, f in zip(range(max_files), files))
+
+
+def _read_dicom_root(root: Path) -> list[dict]:
+    """One row per mask/fill pair; `dicom` points at the pair's own files (their common folder, or the one
+    instance holding both rotations), so a job does not rescan the whole root."""
+    from ..io.dicom import find_pairs, list_runs
+
+    runs = list_runs(root)
+    pairs = find_pairs(runs)
+    if not pairs:
+        raise DRGSInputError("the DICOM folder holds no usable mask/fill pair of rotational XA runs", str(root),
+                             "two rotations (mask and fill) of the same study and geometry",
+                             "list the runs with `drgs4d import-dicom DIR --list`, or write a manifest with "
+                             "dicom, fill_uid and mask_uid columns")
+    rows = []
+    for pair in pairs:
+        where = os.path.commonpath([pair.fill.path, pair.mask.path])
+        label = pair.fill.series_description or pair.fill.id.split(".")[-1]
+        rows.append({"name": f"{pair.fill.study_uid.split('.')[-1]}_{label}", "dicom": where,
+                     "fill_uid": pair.fill.id, "mask_uid": pair.mask.id})
+    return rows
+
+
 _INPUT_KINDS.extend([
+    ("DICOM root", _is_dicom_root, _read_dicom_root),
     ("case folders", lambda p: p.is_dir(), _read_case_folders),
     ("CSV manifest", lambda p: p.is_file() and p.suffix.lower() == ".csv", _read_csv),
     ("JSON manifest", lambda p: p.is_file() and p.suffix.lower() == ".json", _read_json),
@@ -169,7 +210,7 @@ def read_jobs(source, out_root, defaults: dict | None = None) -> list[Job]:
             rows = read(source)
             break
     else:
-        raise DRGSInputError("unknown batch input", str(source), "a folder of case folders or a .csv/.json manifest",
+        raise DRGSInputError("unknown batch input", str(source), "a folder of case folders, a DICOM folder or a .csv/.json manifest",
                              "give the manifest a .csv or .json extension")
     base = source if source.is_dir() else source.parent
     jobs, taken = [], set()
@@ -178,7 +219,8 @@ def read_jobs(source, out_root, defaults: dict | None = None) -> list[Job]:
         for key in PATH_KEYS:
             if isinstance(config.get(key), str):
                 config[key] = os.path.normpath(base.absolute() / config[key])
-        name = _safe_name(str(row.get("name") or Path(config.get("case") or config.get("fill") or f"job{i}").name))
+        name = _safe_name(str(row.get("name") or Path(config.get("case") or config.get("dicom") or config.get("fill")
+                                                               or f"job{i}").name))
         if name in taken:  # a sweep over one case: the options tell the jobs apart
             name = f"{name}-{Job(name, config, '', '').key[:8]}"
         taken.add(name)
