@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -174,11 +175,18 @@ class ReconstructionJob:
         if self.worker is not None and self.running:
             self.state.status = "cancelling"
             self.state.text = protocol.tr("Cancelling: saving a checkpoint...")
-            self.worker.request_cancel(self.cancel_grace_s)
+            if isinstance(self.worker, remote.RemoteJob):
+                self._cancel_remote()
+            else:
+                self.worker.request_cancel(self.cancel_grace_s)
+
+    def _cancel_remote(self) -> None:
+        """Ask the server to stop the job from a background thread (an HTTP request must not block the caller)."""
+        threading.Thread(target=self.worker.request_cancel, name="drgs-remote-cancel", daemon=True).start()
 
     def kill(self) -> None:
         if isinstance(self.worker, remote.RemoteJob):
-            self.worker.request_cancel()  # the server stops it; nothing runs here but the event thread
+            self._cancel_remote()  # the server stops it; nothing runs here but the event thread
         elif self.worker is not None:
             self.worker.cancel(timeout=0.1)
 

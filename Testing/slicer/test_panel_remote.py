@@ -6,6 +6,7 @@ local run: previews stream in, and the results are downloaded and loaded into th
 import hashlib
 import pathlib
 import sys
+import threading
 import time
 
 import numpy as np
@@ -133,3 +134,23 @@ def test_what_the_remote_engine_cannot_do_is_said_plainly(widget, tmp_path):
     _enter_server(widget, "ftp://server", "t")
     with pytest.raises(Exception, match="server URL is not valid"):
         logic.remoteClient()
+
+
+def test_cancel_stops_the_server_job_without_blocking_and_keeps_its_checkpoint(widget, server, tiny_case, tmp_path):
+    _enter_server(widget, server.url, server.token)
+    p = widget._parameterNode
+    p.caseFolder = pathlib.Path(tiny_case)
+    p.outputFolder = tmp_path / "out"
+    p.preset, p.views, p.iterations, p.previewInterval = "tiny", 8, 5000, 0
+    widget.onApplyButton()
+    job = widget._job
+    _tick_until(widget, lambda: job.state.stage == "train" and (job.state.iteration or 0) >= 3)
+    threads, request_cancel = [], job.worker.request_cancel
+    job.worker.request_cancel = lambda *a: (threads.append(threading.current_thread()), request_cancel(*a))
+    widget.onApplyButton()  # Cancel: the HTTP request goes out from a background thread
+    assert job.state.status == "cancelling"
+    _tick_until(widget, lambda: widget._job is None)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert job.state.status == "cancelled" and job.state.checkpoint == str(job.run_dir / "checkpoint.pt")
+    assert (job.run_dir / "checkpoint.pt").is_file() and "Press Resume" in widget.ui.statusLabel.text
+    assert server.call("GET", f"/jobs/{job.worker.job_id}")[1]["state"] == "cancelled"
