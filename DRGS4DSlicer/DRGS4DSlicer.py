@@ -87,9 +87,10 @@ class DRGS4DSlicer(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Reconstructs cerebral vessels from a rotational DSA acquisition (fill and mask runs) using only a sparse subset of
 the frames, with 4D radiative Gaussian splatting.<br><br>
-Choose a case folder (fill_run, mask_run, transforms.json), two run files plus a geometry JSON, or two volumes
-already in the scene plus a geometry JSON; check the inputs; pick the number of training views and press
-<b>Reconstruct</b>. Training runs in a background process (GPU when available) and a preview volume and surface
+Choose a case folder (fill_run, mask_run, transforms.json), two run files plus a geometry JSON, two volumes
+already in the scene plus a geometry JSON, or the mask and fill rotational XA runs from DICOM (the DICOM database or a
+folder); check the inputs; pick the number of training views and press <b>Reconstruct</b>. Training runs in a
+background process (GPU when available), or on a remote DRGS4D GPU server (Engine), and a preview volume and surface
 are updated in the scene while it trains. At the end the vessel volume, surface model, segmentation, a 4D
 (time-resolved) sequence and the rendered DSA appear under one folder in the Data module.<br><br>
 <b>Cancel</b> saves a checkpoint; <b>Resume</b> continues from it.<br><br>
