@@ -543,9 +543,11 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None or not self._canRunEngine():
             return
         try:
+            if not p.useExternalPython:
+                self._ensureDependencies()  # the worker reads DICOM with pydicom
             files = self.logic.databaseXAFiles() if p.dicomUseDatabase else []
             lister = self.logic.startDicomListing(p, files)
-        except inputs.InputProblem as exc:
+        except (inputs.InputProblem, deps.DependencyError) as exc:
             self.ui.dicomSummaryLabel.text = str(exc)
             return
         except Exception as exc:  # noqa: BLE001
