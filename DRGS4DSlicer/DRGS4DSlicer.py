@@ -15,6 +15,7 @@ import pathlib
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Optional
 
 import qt
@@ -37,7 +38,7 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from DRGS4DSlicerLib import deps, inputs, process, protocol
+from DRGS4DSlicerLib import deps, dicom_runs, inputs, process, protocol, remote
 
 protocol.translate = _  # the library's status texts go through Slicer's translation too
 from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
@@ -47,7 +48,11 @@ log = logging.getLogger("DRGS4D")
 
 DOCUMENTATION_URL = "https://github.com/drgs4d/DRGS4D#3d-slicer-extension-drgs4d-panel"
 ENGINE_MIN_PYTHON = (3, 10)  # drgs_core's python_requires (setup.py)
-INPUT_MODES = ["case folder", "files", "scene volumes"]
+INPUT_MODES = ["case folder", "files", "scene volumes", "DICOM"]
+ENGINES = ["local", "remote server"]
+# The remote server's address and token live in Slicer's application settings, never in the scene.
+SETTINGS_REMOTE_URL = "DRGS4D/RemoteURL"
+SETTINGS_REMOTE_TOKEN = "DRGS4D/RemoteToken"
 PRESETS = ["none", "demo", "tiny"]
 DETECTOR_BINNING = ["auto", "1", "2", "3", "4"]
 SCHEDULE_ITERATIONS = {"fast": 10000, "full": 30000}
@@ -82,9 +87,10 @@ class DRGS4DSlicer(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Reconstructs cerebral vessels from a rotational DSA acquisition (fill and mask runs) using only a sparse subset of
 the frames, with 4D radiative Gaussian splatting.<br><br>
-Choose a case folder (fill_run, mask_run, transforms.json), two run files plus a geometry JSON, or two volumes
-already in the scene plus a geometry JSON; check the inputs; pick the number of training views and press
-<b>Reconstruct</b>. Training runs in a background process (GPU when available) and a preview volume and surface
+Choose a case folder (fill_run, mask_run, transforms.json), two run files plus a geometry JSON, two volumes
+already in the scene plus a geometry JSON, or the mask and fill rotational XA runs from DICOM (the DICOM database or a
+folder); check the inputs; pick the number of training views and press <b>Reconstruct</b>. Training runs in a
+background process (GPU when available), or on a remote DRGS4D GPU server (Engine), and a preview volume and surface
 are updated in the scene while it trains. At the end the vessel volume, surface model, segmentation, a 4D
 (time-resolved) sequence and the rendered DSA appear under one folder in the Data module.<br><br>
 <b>Cancel</b> saves a checkpoint; <b>Resume</b> continues from it.<br><br>
@@ -143,7 +149,9 @@ def makeDemoPhantom(source=None):
 class DRGS4DSlicerParameterNode:
     """Everything the panel remembers; saved with the scene.
 
-    Inputs: inputMode, caseFolder | fillFile + maskFile | fillVolume + maskVolume, and geometryFile.
+    Inputs: inputMode, caseFolder | fillFile + maskFile | fillVolume + maskVolume, and geometryFile | DICOM runs found
+    in dicomFolder and/or the DICOM database (dicomUseDatabase; the mask/fill choice lists come from the listing, so
+    they are not bound).  engine: "local" or "remote server" (whose URL and token are in the application settings).
     Settings: views (training frames), schedule, iterations, device ("auto", "cpu" or "cuda:N"; the panel fills its
     list from the worker's --probe, so it is not bound through the .ui), previewInterval (iterations between
     snapshots, 0 = off), outputFolder, load options, seed, preset, detectorBinning, staticField, external Python.
@@ -157,6 +165,9 @@ class DRGS4DSlicerParameterNode:
     fillFile: pathlib.Path
     maskFile: pathlib.Path
     geometryFile: pathlib.Path
+    dicomUseDatabase: bool = True
+    dicomFolder: pathlib.Path
+    engine: Annotated[str, Choice(ENGINES)] = "local"
     fillVolume: vtkMRMLScalarVolumeNode
     maskVolume: vtkMRMLScalarVolumeNode
     views: Annotated[int, WithinRange(1, 2000)] = 30
@@ -189,6 +200,45 @@ def _path(value) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
+class ListingTask:
+    """A ``dicom_runs.DicomRunLister`` (a worker process) as a background task of the panel: ``poll()`` gives None
+    while it runs, then ``{"event": "dicom_listing", "listing"}`` or an ``error`` event."""
+
+    def __init__(self, lister):
+        self.lister = lister
+
+    def poll(self) -> Optional[dict]:
+        try:
+            listing = self.lister.poll()
+        except RuntimeError as exc:
+            return {"event": "error", "message": str(exc)}
+        return None if listing is None else {"event": "dicom_listing", "listing": listing}
+
+    def cancel(self) -> None:
+        self.lister.cancel()
+
+
+class ThreadTask:
+    """A blocking call (network I/O) in a background thread: ``poll()`` gives None while it runs, then
+    ``{"event": "result", "result"}`` or an ``error`` event."""
+
+    def __init__(self, function, *args):
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drgs-panel")
+        self._future = executor.submit(function, *args)
+        executor.shutdown(wait=False)
+
+    def poll(self) -> Optional[dict]:
+        if not self._future.done():
+            return None
+        try:
+            return {"event": "result", "result": self._future.result()}
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            return {"event": "error", "message": str(exc)}
+
+    def cancel(self) -> None:
+        self._future.cancel()  # a call already running ends by its own timeout
+
+
 #
 # DRGS4DSlicerWidget
 #
@@ -207,7 +257,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._task = None  # (kind, process.WorkerCommand) of a running --describe / --probe
+        self._task = None  # (kind, task with poll()/cancel()): --describe, --probe, DICOM listing, connection test
+        self._dicomListing = None  # dicom_runs.RunListing of the last listing
         self._installing = False
         self._probe = None  # the last probe event
         self._lastSchedule = None
@@ -238,6 +289,15 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.viewsSlider.connect("valueChanged(int)", self._updateSliderLabels)
         self.ui.iterationsSlider.connect("valueChanged(int)", self._updateSliderLabels)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onDeviceChosen)
+        self.ui.listDicomButton.connect("clicked(bool)", self.onListDicom)
+        self.ui.dicomMaskComboBox.connect("currentIndexChanged(int)", self._onDicomRunChosen)
+        self.ui.dicomFillComboBox.connect("currentIndexChanged(int)", self._onDicomRunChosen)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.remoteUrlLineEdit.connect("editingFinished()", self._saveRemoteSettings)
+        self.ui.remoteTokenLineEdit.connect("editingFinished()", self._saveRemoteSettings)
+        url, token = self.logic.remoteSettings()
+        self.ui.remoteUrlLineEdit.text = url
+        self.ui.remoteTokenLineEdit.text = token
         self._setDeviceChoices([("auto", _("auto")), ("cpu", _("CPU"))])
 
         self._timer = qt.QTimer()
@@ -262,7 +322,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if self._probe is None and self._task is None and self._canRunEngine(quiet=True):
+        if (self._probe is None and self._task is None and self._parameterNode.engine == "local"
+                and self._canRunEngine(quiet=True)):
             self.onCheckPython()  # fills the device list in the background
 
     def exit(self) -> None:
@@ -383,8 +444,11 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.caseFolderWidget.setVisible(mode == "case folder")
         self.ui.filesWidget.setVisible(mode == "files")
         self.ui.volumesWidget.setVisible(mode == "scene volumes")
-        self.ui.geometryWidget.setVisible(mode != "case folder")
+        self.ui.dicomWidget.setVisible(mode == "DICOM")
+        self.ui.geometryWidget.setVisible(mode in ("files", "scene volumes"))
         self.ui.pythonExecutablePathLineEdit.setEnabled(p.useExternalPython)
+        self.ui.remoteWidget.setVisible(p.engine == "remote server")
+        self.ui.deviceComboBox.setEnabled(p.engine == "local")  # the server chooses its own GPU
         self._applyThresholdRange()
         self._showDevice()
         self._updateButtons()
@@ -395,6 +459,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _path(p.caseFolder) is not None
         if p.inputMode == "files":
             return all(_path(x) for x in (p.fillFile, p.maskFile, p.geometryFile))
+        if p.inputMode == "DICOM":
+            return self._dicomChoice() is not None
         return p.fillVolume is not None and p.maskVolume is not None and _path(p.geometryFile) is not None
 
     def _updateButtons(self) -> None:
@@ -415,10 +481,13 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.enabled = (not busy) and resumable
         self.ui.checkInputsButton.enabled = not busy and not checking
         self.ui.checkPythonButton.enabled = not busy and not checking
+        self.ui.listDicomButton.enabled = not busy and not checking
+        self.ui.testConnectionButton.enabled = not busy and not checking
         hasResult = bool(p and p.resultVolume is not None)
         for button in (self.ui.applyThresholdButton, self.ui.exportLabelmapButton, self.ui.exportFilesButton):
             button.enabled = hasResult and not busy
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.settingsCollapsibleButton):
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.engineCollapsibleButton,
+                       self.ui.settingsCollapsibleButton):
             widget.enabled = not busy
 
     def _askUser(self, title: str, text: str) -> bool:
@@ -444,7 +513,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None or not self._canRunEngine():
             return
         try:
-            command = self.logic.startDescribe(p)
+            command = self.logic.startDescribe(p, self._dicomChoice())
         except inputs.InputProblem as exc:
             self.ui.inputSummaryLabel.text = str(exc)
             return
@@ -463,10 +532,104 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startTask("probe", command)
 
     def _onTaskDone(self, kind: str, event: dict) -> None:
-        if kind == "describe":
-            self._onDescribed(event)
+        handlers = {"describe": self._onDescribed, "probe": self._onProbed, "dicom": self._onDicomListed,
+                    "connection": self._onConnectionChecked}
+        handlers[kind](event)
+
+    # -- DICOM input --
+    def onListDicom(self) -> None:
+        """List the rotational runs of the DICOM database and/or the chosen folder in a worker process."""
+        p = self._parameterNode
+        if self._task is not None or not self._canRunEngine():
+            return
+        try:
+            if not p.useExternalPython:
+                self._ensureDependencies()  # the worker reads DICOM with pydicom
+            files = self.logic.databaseXAFiles() if p.dicomUseDatabase else []
+            lister = self.logic.startDicomListing(p, files)
+        except (inputs.InputProblem, deps.DependencyError) as exc:
+            self.ui.dicomSummaryLabel.text = str(exc)
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.ui.dicomSummaryLabel.text = inputs.readable_error(exc)
+            logging.error(traceback.format_exc())
+            return
+        self.ui.dicomSummaryLabel.text = _("Listing the rotational runs in the background...")
+        self._startTask("dicom", ListingTask(lister))
+
+    def _onDicomListed(self, event: dict) -> None:
+        self._dicomListing = event.get("listing")
+        choices = self._dicomListing.choices() if self._dicomListing is not None else []
+        for combo in (self.ui.dicomMaskComboBox, self.ui.dicomFillComboBox):
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for runId, label in choices:
+                combo.addItem(label, runId)
+            combo.blockSignals(wasBlocked)
+        if self._dicomListing is None:
+            self.ui.dicomSummaryLabel.text = _("The DICOM runs could not be listed: {reason}").format(
+                reason=event.get("message") or _("no answer from the worker"))
+        elif not choices:
+            reasons = "\n".join("{run}: {why}".format(run=run, why=why) for run, why in self._dicomListing.problems())
+            self.ui.dicomSummaryLabel.text = _("No usable rotational run was found.\n{reasons}").format(reasons=reasons)
         else:
-            self._onProbed(event)
+            pair = self._dicomListing.preselection()
+            if pair is not None:
+                self.ui.dicomMaskComboBox.currentIndex = self.ui.dicomMaskComboBox.findData(pair[0])
+                self.ui.dicomFillComboBox.currentIndex = self.ui.dicomFillComboBox.findData(pair[1])
+            elif len(choices) > 1:
+                self.ui.dicomFillComboBox.currentIndex = 1
+        self._onDicomRunChosen()
+
+    def _dicomChoice(self):
+        """(listing, mask id, fill id) of the chosen runs when they form a pair, else None."""
+        listing = self._dicomListing
+        if listing is None:
+            return None
+        maskId = self.ui.dicomMaskComboBox.itemData(self.ui.dicomMaskComboBox.currentIndex)
+        fillId = self.ui.dicomFillComboBox.itemData(self.ui.dicomFillComboBox.currentIndex)
+        if not maskId or not fillId or listing.pair(maskId, fillId) is None:
+            return None
+        return listing, maskId, fillId
+
+    def _onDicomRunChosen(self, *args) -> None:
+        """Show what the import derives for the chosen pair (geometry, warnings) or why the runs do not pair."""
+        listing = self._dicomListing
+        maskId = self.ui.dicomMaskComboBox.itemData(self.ui.dicomMaskComboBox.currentIndex)
+        fillId = self.ui.dicomFillComboBox.itemData(self.ui.dicomFillComboBox.currentIndex)
+        if listing is not None and maskId and fillId:
+            self.ui.dicomSummaryLabel.text = "\n".join(listing.summary_lines(maskId, fillId))
+            pair = listing.pair(maskId, fillId)
+            if pair is not None:
+                self._params().nFrames = int(pair["geometry"]["n_frames"])
+                if self._parameterNode is not None:
+                    self._applyCaseLimits()
+        if self._parameterNode is not None:
+            self._updateButtons()
+
+    # -- remote engine --
+    def _saveRemoteSettings(self) -> None:
+        self.logic.saveRemoteSettings(self.ui.remoteUrlLineEdit.text, self.ui.remoteTokenLineEdit.text)
+
+    def onTestConnection(self) -> None:
+        """Ask the server for /health in a background thread."""
+        if self._task is not None:
+            return
+        self._saveRemoteSettings()
+        url, token = self.logic.remoteSettings()
+        if not url or not token:
+            self.ui.remoteInfoLabel.text = _("Enter the server URL and the token first.")
+            return
+        self.ui.remoteInfoLabel.text = _("Connecting to {url}...").format(url=url)
+        self._startTask("connection", ThreadTask(remote.check_connection, url, token))
+
+    def _onConnectionChecked(self, event: dict) -> None:
+        if event.get("event") != "result":
+            self.ui.remoteInfoLabel.text = _("No connection: {reason}").format(reason=event.get("message"))
+            return
+        health = event["result"]
+        self.ui.remoteInfoLabel.text = _("Connected: drgs4d server {version}, {slots} worker slot(s).").format(
+            version=health.get("version"), slots=health.get("slots"))
 
     def _onDescribed(self, event: dict) -> None:
         if event.get("event") != "described":
@@ -529,15 +692,18 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _start(self, resume: bool) -> None:
         p = self._parameterNode
-        if not self._canRunEngine() or not self._confirmDevice():
+        local = p.engine == "local"
+        if local and (not self._canRunEngine() or not self._confirmDevice()):
             return
         try:
-            if not p.useExternalPython:
+            if local and not p.useExternalPython:
                 self._ensureDependencies()
+            if not local:
+                self._saveRemoteSettings()
             if resume:
                 job = self.logic.resumeReconstruction(p)
             else:
-                job = self.logic.startReconstruction(p)
+                job = self.logic.startReconstruction(p, dicomChoice=self._dicomChoice())
         except (inputs.InputProblem, deps.DependencyError) as exc:
             slicer.util.errorDisplay(str(exc), windowTitle=_("DRGS4D"))
             return
@@ -723,9 +889,64 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
             raise inputs.InputProblem(_("Choose the python executable of the external environment."))
         return process.WorkerCommand(["--probe"], python=python, external=external, timeout=300)
 
+    # -- remote server --
+    @staticmethod
+    def remoteSettings():
+        """(URL, token) of the remote server from Slicer's application settings ("" when unset)."""
+        settings = qt.QSettings()
+        return (str(settings.value(SETTINGS_REMOTE_URL, "") or "").strip(),
+                str(settings.value(SETTINGS_REMOTE_TOKEN, "") or "").strip())
+
+    @staticmethod
+    def saveRemoteSettings(url: str, token: str) -> None:
+        settings = qt.QSettings()
+        settings.setValue(SETTINGS_REMOTE_URL, str(url or "").strip())
+        settings.setValue(SETTINGS_REMOTE_TOKEN, str(token or "").strip())
+
+    def remoteClient(self) -> remote.RemoteClient:
+        url, token = self.remoteSettings()
+        if not url or not token:
+            raise inputs.InputProblem(_("Enter the remote server's URL and token under Engine (the token is in the "
+                                        "server's token file)."))
+        try:
+            return remote.RemoteClient(url, token)
+        except ValueError as exc:
+            raise inputs.InputProblem(_("The server URL is not valid: {reason}").format(reason=exc)) from None
+
+    # -- DICOM --
+    @staticmethod
+    def databaseXAFiles() -> list:
+        """Files of the XA series in Slicer's DICOM database (none when there is no open database)."""
+        db = getattr(slicer, "dicomDatabase", None)
+        if db is None or not getattr(db, "isOpen", True):
+            return []
+        return dicom_runs.xa_files_from_database(db)
+
+    def startDicomListing(self, p, databaseFiles=()) -> dicom_runs.DicomRunLister:
+        """``--list-dicom`` of the database files and the chosen folder in a background worker (poll the result)."""
+        python, external = self._python(p)
+        if external and not python:
+            raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        paths = list(databaseFiles)
+        if p.dicomUseDatabase and not paths and not _path(p.dicomFolder):
+            raise inputs.InputProblem(_("The DICOM database holds no XA series: import the angiography runs with the "
+                                        "DICOM module, or choose a folder of DICOM files."))
+        if _path(p.dicomFolder):
+            paths.append(_path(p.dicomFolder))
+        if not paths:
+            raise inputs.InputProblem(_("Choose a folder of DICOM files, or search the Slicer DICOM database."))
+        folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        env = process.worker_environment(external=external, engine=process.engine_root())
+        return dicom_runs.DicomRunLister(paths, python=python if external else None, env=env,
+                                         folder=str(folder)).start()
+
     # -- inputs --
     @staticmethod
-    def caseName(p) -> str:
+    def caseName(p, dicomChoice=None) -> str:
+        if p.inputMode == "DICOM" and dicomChoice is not None:
+            listing, _maskId, fillId = dicomChoice
+            return listing.run(fillId).get("series_description") or "dicom"
         if p.inputMode == "case folder" and _path(p.caseFolder):
             return pathlib.Path(_path(p.caseFolder)).name
         if p.inputMode == "files" and _path(p.fillFile):
@@ -735,8 +956,15 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         return "case"
 
     @staticmethod
-    def inputRequest(p, exportFolder) -> dict:
-        """The input fields of a request; scene volumes are exported to NRRD files in ``exportFolder``."""
+    def inputRequest(p, exportFolder, dicomChoice=None) -> dict:
+        """The input fields of a request; scene volumes are exported to NRRD files in ``exportFolder``.
+        ``dicomChoice``: (RunListing, mask run id, fill run id) in the DICOM mode."""
+        if p.inputMode == "DICOM":
+            if dicomChoice is None:
+                raise inputs.InputProblem(_("List the rotational runs and choose a mask and a fill run that pair."))
+            listing, maskId, fillId = dicomChoice
+            request = listing.request(maskId, fillId, out="")
+            return {key: request[key] for key in ("dicom", "fill_uid", "mask_uid")}
         if p.inputMode == "case folder":
             return inputs.input_request(case=_path(p.caseFolder))
         if p.inputMode == "files":
@@ -747,33 +975,42 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         mask = inputs.export_volume_node(p.maskVolume, exportFolder, "mask_run")
         return inputs.input_request(fill=fill, mask=mask, geometry=_path(p.geometryFile))
 
-    def startDescribe(self, p) -> process.WorkerCommand:
+    def startDescribe(self, p, dicomChoice=None) -> process.WorkerCommand:
         """``--describe`` of the chosen inputs in the background (scene volumes are exported first)."""
         python, external = self._python(p)
         if external and not python:
             raise inputs.InputProblem(_("Choose the python executable of the external environment."))
         folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
-        request = self.inputRequest(p, folder)
+        request = self.inputRequest(p, folder, dicomChoice)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "describe_request.json"
         path.write_text(json.dumps(request), encoding="utf-8")
         return process.WorkerCommand(["--describe", str(path)], python=python, external=external, timeout=300)
 
     # -- runs --
-    def startReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:
+    def startReconstruction(self, p, onPreviewVolume=None, dicomChoice=None) -> ReconstructionJob:
+        """Start a run of the panel's inputs and settings, locally or on the remote server (``p.engine``)."""
+        if p.engine == "remote server" and p.inputMode == "DICOM":
+            raise inputs.InputProblem(_("The remote server cannot read DICOM files from this computer. Import the runs "
+                                        "into a case folder first (drgs4d import-dicom) and choose it as the input, or "
+                                        "run with the local engine."))
         outputRoot = _path(p.outputFolder) or self.defaultOutputFolder()
-        runDir = new_run_dir(outputRoot, self.caseName(p))
+        name = self.caseName(p, dicomChoice)
+        runDir = new_run_dir(outputRoot, name)
         request = make_request(
-            **self.inputRequest(p, runDir / "inputs"),
+            **self.inputRequest(p, runDir / "inputs", dicomChoice),
             out=str(runDir), views=int(p.views), schedule=p.schedule, iterations=int(p.iterations), device=p.device,
             seed=int(p.seed), snapshot_every=int(p.previewInterval), static_field=bool(p.staticField),
             preset=None if p.preset == "none" else p.preset,
             detector_binning=None if p.detectorBinning == "auto" else int(p.detectorBinning))
-        return self.startRequest(request, runDir, self.caseName(p), p, onPreviewVolume)
+        return self.startRequest(request, runDir, name, p, onPreviewVolume)
 
     def resumeReconstruction(self, p, onPreviewVolume=None) -> ReconstructionJob:
         if not p.lastRunFolder:
             raise inputs.InputProblem(_("There is no earlier run to resume."))
+        if p.engine == "remote server":
+            raise inputs.InputProblem(_("Resume continues a run with the local engine: choose Engine: local (the "
+                                        "checkpoint of a remote run was downloaded with its results)."))
         python, external = self._python(p)
         name = pathlib.Path(p.lastRunFolder).name
         job = ReconstructionJob.resume(slicer.mrmlScene, p.lastRunFolder, name=f"DRGS4D {name} (resumed)",
@@ -785,8 +1022,9 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
                      onPreviewVolume=None) -> ReconstructionJob:
         runDir = pathlib.Path(runDir or request["out"])
         python, external = self._python(p) if p is not None else (None, False)
+        client = self.remoteClient() if p is not None and p.engine == "remote server" else None
         job = ReconstructionJob(slicer.mrmlScene, request, runDir, name=f"DRGS4D {name} {time.strftime('%H:%M')}",
-                                python=python, external=external,
+                                python=python, external=external, remote_client=client,
                                 load_options=self._loadOptions(p) if p is not None else {},
                                 updater_kwargs=self._updaterKwargs(onPreviewVolume))
         return job.start()

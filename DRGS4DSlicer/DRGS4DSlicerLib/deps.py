@@ -28,6 +28,7 @@ REQUIREMENTS = [
     "scikit-image>=0.21",
     "tqdm>=4.60",
     "matplotlib>=3.7",
+    "pydicom>=3.0",  # the panel's DICOM mode (the worker's --list-dicom and DICOM requests)
 ]
 TORCH_REQUIREMENT = "torch>=2.1"
 # Distribution name -> import name, for packages that Slicer bundles without pip metadata (e.g. SimpleITK).

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import process, protocol
+from . import process, protocol, remote
 from .scene import LoadStep, SceneUpdater, read_preview
 
 log = logging.getLogger("DRGS4D.job")
@@ -24,7 +25,7 @@ REQUEST_FILE = "drgs4d_request.json"
 CHECKPOINT_FILE = "checkpoint.pt"  # where drgs_core.pipeline keeps the training state of a run
 
 # ReconstructConfig fields the panel may set (the engine rejects unknown keys).
-REQUEST_KEYS = ("case", "fill", "mask", "geometry", "out", "views", "schedule", "iterations", "device", "seed",
+REQUEST_KEYS = ("case", "fill", "mask", "geometry", "dicom", "fill_uid", "mask_uid", "out", "views", "schedule", "iterations", "device", "seed",
                 "snapshot_every", "checkpoint_every", "resume", "static_field", "iso_level", "preset",
                 "n_gaussians", "init_threshold", "log2_table_size", "times_4d", "cine_frame", "progress_every",
                 "densify_until", "detector_binning")
@@ -86,6 +87,8 @@ class ReconstructionJob:
     """Run ``request`` (a ReconstructConfig dict) in a worker process and stream its results into ``scene``.
 
     ``load_options`` go to ``SceneUpdater.load_outputs`` (load_sequence, load_renders, threshold, ...).
+    ``remote_client`` (a ``remote.RemoteClient``): run on that ``drgs4d serve`` server instead of a local worker; the
+    results are downloaded into ``run_dir`` and loaded exactly as after a local run.
     ``on_event(event)`` is called for every worker event, and with ``{"event": "preview_applied", "iteration"}``
     once a snapshot's files are in the scene (they are read in a background thread).
     """
@@ -93,8 +96,9 @@ class ReconstructionJob:
     def __init__(self, scene, request: dict, run_dir: str | os.PathLike, name: str = "DRGS4D",
                  python: str | None = None, external: bool = False, engine: Path | None = None,
                  extra_env: dict | None = None, load_options: dict | None = None, updater_kwargs: dict | None = None,
-                 on_event=None, cancel_grace_s: float = 60.0):
+                 on_event=None, cancel_grace_s: float = 60.0, remote_client: remote.RemoteClient | None = None):
         self.scene = scene
+        self.remote_client = remote_client
         self.run_dir = Path(run_dir)
         self.request = dict(request)
         self.request.setdefault("out", str(self.run_dir))
@@ -107,7 +111,7 @@ class ReconstructionJob:
         self.on_event = on_event
         self.cancel_grace_s = cancel_grace_s
         self.state = JobState(run_dir=str(self.run_dir))
-        self.worker: process.WorkerProcess | None = None
+        self.worker: process.WorkerProcess | remote.RemoteJob | None = None
         self.updater = SceneUpdater(scene, run_name=name, run_dir=str(self.run_dir), **(updater_kwargs or {}))
         self.scene_updates = True  # set False when the scene is closed while the job still runs
         self.log_lines: list[str] = []
@@ -130,6 +134,11 @@ class ReconstructionJob:
 
     def start(self) -> "ReconstructionJob":
         self.write_request()
+        if self.remote_client is not None:
+            self.worker = remote.RemoteJob(self.remote_client, self.request).start()
+            self.state.status = "running"
+            self.state.text = protocol.tr("Uploading the inputs to the remote server...")
+            return self
         self.worker = process.start_worker(str(self.request_path), python=self.python, external=self.external,
                                            cwd=str(self.run_dir), engine=self.engine, extra_env=self.extra_env)
         self.state.status = "running"
@@ -166,10 +175,19 @@ class ReconstructionJob:
         if self.worker is not None and self.running:
             self.state.status = "cancelling"
             self.state.text = protocol.tr("Cancelling: saving a checkpoint...")
-            self.worker.request_cancel(self.cancel_grace_s)
+            if isinstance(self.worker, remote.RemoteJob):
+                self._cancel_remote()
+            else:
+                self.worker.request_cancel(self.cancel_grace_s)
+
+    def _cancel_remote(self) -> None:
+        """Ask the server to stop the job from a background thread (an HTTP request must not block the caller)."""
+        threading.Thread(target=self.worker.request_cancel, name="drgs-remote-cancel", daemon=True).start()
 
     def kill(self) -> None:
-        if self.worker is not None:
+        if isinstance(self.worker, remote.RemoteJob):
+            self._cancel_remote()  # the server stops it; nothing runs here but the event thread
+        elif self.worker is not None:
             self.worker.cancel(timeout=0.1)
 
     # -- polling --

@@ -339,8 +339,21 @@ class FakeTimer:
         return self.active
 
 
+class FakeSettings:
+    """qt.QSettings over one dict per imported module (``qt_module().settings``): the application settings."""
+
+    store: dict = {}
+
+    def value(self, key, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key, value):
+        self.store[key] = value
+
+
 def qt_module():
-    return types.SimpleNamespace(QTimer=FakeTimer)
+    settings = type("QSettings", (FakeSettings,), {"store": {}})
+    return types.SimpleNamespace(QTimer=FakeTimer, QSettings=settings, settings=settings.store)
 
 
 # ---- the parameter-node wrapper ----------------------------------------------------------------------------------

@@ -384,3 +384,62 @@ def test_no_timer_tick_takes_longer_than_100_ms_on_a_256_cubed_result(monkeypatc
     assert len(ticks) > 12  # the result arrived in pieces
     assert max(ticks) < 0.1, sorted(ticks)[-5:]
     widget.cleanup()
+
+
+# ---- DICOM mode and engine choice: the unbound widgets, under every version --------------------------------------
+
+@pytest.fixture(scope="module")
+def dicom_listing(tmp_path_factory):
+    """A RunListing of a Siemens-style mask/fill pair written with pydicom (listed in this process)."""
+    from drgs_core.io.dicom import listing
+    from drgs_core.io.dicom_write import case_to_dicom
+    from DRGS4DSlicerLib.dicom_runs import RunListing
+    from test_dicom_runs import small_case
+
+    written = case_to_dicom(small_case(), tmp_path_factory.mktemp("dicom") / "d", style="siemens")
+    paths = [str(written["folder"])]
+    return RunListing.from_event({"event": "dicom_runs", **listing(paths)}, paths)
+
+
+def test_dicom_mode_fills_the_run_lists_and_keeps_them_across_exit_and_enter(panel, dicom_listing):
+    module, widget = panel
+    p = widget._parameterNode
+    p.inputMode = "DICOM"
+    assert widget.ui.dicomWidget.visible and not widget.ui.geometryWidget.visible
+    assert not widget.ui.caseFolderWidget.visible and not widget.ui.applyButton.enabled
+    widget._onDicomListed({"event": "dicom_listing", "listing": dicom_listing})
+    mask_id, fill_id = dicom_listing.preselection()
+    combos = widget.ui.dicomMaskComboBox, widget.ui.dicomFillComboBox
+    assert [c.itemData(c.currentIndex) for c in combos] == [mask_id, fill_id]
+    assert "20 frames of 8 x 10 pixels" in widget.ui.dicomSummaryLabel.text
+    assert p.nFrames == 20 and widget.ui.applyButton.enabled
+    widget.exit()
+    widget.enter()
+    assert [c.itemData(c.currentIndex) for c in combos] == [mask_id, fill_id] and widget.ui.applyButton.enabled
+    request = widget.logic.inputRequest(p, None, widget._dicomChoice())
+    assert request == {k: v for k, v in dicom_listing.request(mask_id, fill_id, "").items() if k != "out"}
+    widget._onDicomListed({"event": "error", "message": "the DICOM folder does not exist"})
+    assert combos[0].count == 0 and not widget.ui.applyButton.enabled
+    assert "does not exist" in widget.ui.dicomSummaryLabel.text
+
+
+def test_engine_choice_shows_the_server_settings_from_the_application_settings(monkeypatch, scene, tmp_path, version):
+    module = load_module(monkeypatch, scene, tmp_path, version)
+    sys.modules["qt"].settings.update({"DRGS4D/RemoteURL": "http://gpu:8765", "DRGS4D/RemoteToken": "s3cret"})
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    widget.enter()
+    assert widget.ui.remoteUrlLineEdit.text == "http://gpu:8765" and widget.ui.remoteTokenLineEdit.text == "s3cret"
+    p = widget._parameterNode
+    assert not widget.ui.remoteWidget.visible and widget.ui.deviceComboBox.enabled
+    widget.ui.engineComboBox.currentIndex = 1
+    assert p.engine == "remote server" and widget.ui.remoteWidget.visible and not widget.ui.deviceComboBox.enabled
+    widget.ui.remoteTokenLineEdit.text = "changed"
+    widget.ui.remoteTokenLineEdit.emit("editingFinished")
+    assert module.DRGS4DSlicerLogic.remoteSettings() == ("http://gpu:8765", "changed")
+    assert "changed" not in [p.parameterNode.GetParameter(n) for n in p.parameterNode.GetParameterNames()]
+    widget._task = ("connection", module.ThreadTask(time.sleep, 0.01))
+    widget._updateButtons()  # something runs: no second background task can start
+    assert not widget.ui.testConnectionButton.enabled and not widget.ui.listDicomButton.enabled
+    widget.cleanup()
+    sys.modules.pop("DRGS4DSlicer", None)
