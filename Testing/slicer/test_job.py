@@ -4,6 +4,7 @@ other ways a run ends - an input error, an internal error, a crash (the worker k
 grace period, and a cancel before training.  Cancel during training and resume: test_e2e_worker.py."""
 
 import json
+from pathlib import Path
 import os
 import shutil
 import signal
@@ -107,8 +108,14 @@ def test_final_nodes_have_the_engine_geometry(done_job, tiny_case):
     np.testing.assert_allclose(points, verts * np.array([-1.0, -1.0, 1.0]), atol=1e-3)
     # the segmentation is at the level the engine meshed at (the done event's metrics carry it)
     assert st.metrics["iso_level"] > 0 and job.updater.threshold == pytest.approx(st.metrics["iso_level"])
+    # ... and it is the engine's labelmap: the threshold less the isolated specks the engine dropped
     label = slicer.util.arrayFromVolume(job.updater.export_labelmap())
-    np.testing.assert_array_equal(label > 0, np.transpose(array >= st.metrics["iso_level"], (2, 1, 0)))
+    engine_seg, _ = read_volume(st.outputs["segmentation"])
+    np.testing.assert_array_equal(label > 0, np.transpose(engine_seg > 0, (2, 1, 0)))
+    above = array >= st.metrics["iso_level"]
+    assert not np.any((engine_seg > 0) & ~above)
+    specks = json.loads(Path(st.outputs["metrics"]).read_text())["specks"]
+    assert int(above.sum() - (engine_seg > 0).sum()) == specks["dropped_voxels"]
     assert job.updater.node("sequence").GetNumberOfDataNodes() == 2  # times_4d
     assert job.updater.node("sequence_browser") is not None and job.updater.node("renders") is not None
     assert job.updater.node("preview_volume") is None
