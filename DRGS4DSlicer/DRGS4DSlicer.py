@@ -527,7 +527,11 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCheckPython(self) -> None:
         if self._task is not None or not self._canRunEngine():
             return
-        command = self.logic.startProbe(self._parameterNode)
+        try:
+            command = self.logic.startProbe(self._parameterNode)
+        except inputs.InputProblem as exc:  # e.g. the external Python is not chosen yet (always so on 5.6/5.8)
+            self.ui.deviceInfoLabel.text = str(exc)
+            return
         self.ui.deviceInfoLabel.text = _("Checking the Python environment and the GPUs in the background...")
         self._startTask("probe", command)
 
@@ -741,8 +745,12 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             event = command.poll()
             if event is not None:
                 self._task = None
-                self._onTaskDone(kind, event)
-                self._updateButtons()
+                try:
+                    self._onTaskDone(kind, event)
+                except Exception:  # noqa: BLE001 - a bad answer must not leave the buttons disabled
+                    logging.error(traceback.format_exc())
+                finally:
+                    self._updateButtons()
         job = self._job
         if job is not None:
             try:

@@ -34,6 +34,11 @@ def _f(default=None, **meta):
     return field(default=default, metadata=meta)
 
 
+def path_fields() -> tuple:
+    """The input-path fields of ReconstructConfig (case, fill, mask, geometry, dicom; not the output folder)."""
+    return tuple(f.name for f in fields(ReconstructConfig) if f.metadata.get("path") and f.name != "out")
+
+
 @dataclass
 class ReconstructConfig:
     """One reconstruction run. Give either `case` (a case folder) or `fill` + `mask` + `geometry` files.

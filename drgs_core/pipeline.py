@@ -215,8 +215,10 @@ def _cancelled(ctx: RunContext, stage: str, checkpoint: Path | None) -> dict:
 
 def _identity(cfg: ReconstructConfig) -> dict:
     """Which inputs a result folder belongs to (a re-run on the same inputs may replace its results)."""
-    paths = {k: getattr(cfg, k) for k in ("case", "fill", "mask", "geometry") if getattr(cfg, k)}
-    return {k: str(Path(v).expanduser().resolve()) for k, v in paths.items()}
+    paths = {k: getattr(cfg, k) for k in ("case", "dicom", "fill", "mask", "geometry") if getattr(cfg, k)}
+    identity = {k: str(Path(v).expanduser().resolve()) for k, v in paths.items()}
+    identity.update({k: getattr(cfg, k) for k in ("fill_uid", "mask_uid") if getattr(cfg, k)})  # a pair, not a path
+    return identity
 
 
 def _cpu_sized(cfg: ReconstructConfig, device) -> tuple[ReconstructConfig, str | None]:

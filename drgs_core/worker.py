@@ -244,13 +244,13 @@ def version_event() -> dict:
 
 # Rough training speed on a paper-scale case (512^2 detector, 256^3 grid; bench/RESULTS.md): the CUDA kernels on one
 # recent data-centre GPU, and the PyTorch reference path on a GPU, 55-80x slower.  Only an order of magnitude.
-EXPECTED_IT_PER_S = {"cuda": 700.0, "torch-gpu": 10.0}
+EXPECTED_IT_PER_S = {"cuda-ext": 700.0, "triton": 85.0, "torch-gpu": 10.0}
 FAST_ITERATIONS = 10000
 
 
 def expected_speed(backend: str, device_type: str) -> dict:
     """``{"it_per_s", "fast_run_s"}`` for a backend on a device type; None values when no figure exists (CPU)."""
-    key = "cuda" if backend == "cuda" else ("torch-gpu" if device_type == "cuda" else None)
+    key = backend if backend in EXPECTED_IT_PER_S else ("torch-gpu" if device_type == "cuda" else None)
     rate = EXPECTED_IT_PER_S.get(key) if key else None
     return {"it_per_s": rate, "fast_run_s": None if rate is None else round(FAST_ITERATIONS / rate + 15.0)}
 

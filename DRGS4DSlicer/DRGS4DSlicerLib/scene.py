@@ -462,7 +462,8 @@ class SceneUpdater:
         if load_segmentation and ((load_volume and volume_path) or outputs.get("segmentation")):
             iso = _first_number(metrics, ("iso_level", "threshold"))
             steps.append(LoadStep("segmentation", self._apply_mask,
-                                  lambda: self._segmentation_mask(outputs.get("segmentation"), threshold, iso)))
+                                  lambda: segmentation_mask(outputs.get("segmentation"), volume_path, threshold,
+                                                            iso)))
         seq_path = outputs.get("volume_4d")
         if load_sequence and seq_path and os.path.isfile(seq_path):
             steps.append(LoadStep("sequence", self._apply_sequence, lambda: read_sequence_file(seq_path)))
@@ -494,19 +495,6 @@ class SceneUpdater:
         if node.GetDisplayNode() is None:
             node.CreateDefaultDisplayNodes()
             self._style_model(node)
-
-    def _segmentation_mask(self, labelmap_path, threshold, iso):
-        """(mask [k, j, i], IJK->RAS, threshold used) - priority: the panel's threshold, else the engine's labelmap,
-        else its iso level, else a guess.  Runs in a background thread: reads files and the volume's voxels only."""
-        volume = self.node("volume")
-        if threshold is None and labelmap_path and os.path.isfile(labelmap_path):
-            mask, ijk_to_ras = read_volume_file(labelmap_path)
-            return mask > 0, ijk_to_ras, iso
-        if volume is None:
-            return None
-        array = slicer.util.arrayFromVolume(volume)
-        level = threshold if threshold is not None else (iso if iso is not None else suggest_threshold(array))
-        return array >= level, ijk_to_ras_of(volume), float(level)
 
     def _apply_mask(self, data) -> None:
         if data is None:
@@ -669,6 +657,19 @@ class SceneUpdater:
                 str(folder), seg, ids, surface_format, True, 1.0, False):
             written += sorted(str(folder / f) for f in set(os.listdir(folder)) - before)
         return written
+
+
+def segmentation_mask(labelmap_path, volume_path, threshold, iso):
+    """(mask [k, j, i], IJK->RAS, threshold used) - priority: the panel's threshold, else the engine's labelmap,
+    else its iso level, else a guess.  Runs in a background thread, so it reads files only (never the scene)."""
+    if threshold is None and labelmap_path and os.path.isfile(labelmap_path):
+        mask, ijk_to_ras = read_volume_file(labelmap_path)
+        return mask > 0, ijk_to_ras, iso
+    if not (volume_path and os.path.isfile(volume_path)):
+        return None
+    array, ijk_to_ras = read_volume_file(volume_path)
+    level = threshold if threshold is not None else (iso if iso is not None else suggest_threshold(array))
+    return array >= level, ijk_to_ras, float(level)
 
 
 def suggest_threshold(array: np.ndarray) -> float:

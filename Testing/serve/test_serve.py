@@ -170,6 +170,13 @@ def test_bad_uploads_and_options_get_clear_errors(server):
     assert status == 413 and "limit" in body["error"]
     status, body = _upload(server, b"not an archive at all")
     assert status == 415 and "zip" in body["error"]
+    damaged = bytearray(_zip_with("case/transforms.json", b"{" * 4096))
+    damaged[40:60] = b"\0" * 20  # the member's data no longer matches its CRC / deflate stream
+    status, body = _upload(server, bytes(damaged))
+    assert status == 400 and "damaged" in body["error"], body
+    for body in ({"path": "tiny", "options": {**TINY_OPTIONS, "dicom": "../../secret"}},):
+        status, answer = server.call("POST", "/jobs", body)
+        assert status == 403, answer  # a DICOM path is confined like the case paths
     for options, words in (({"views": 0}, "views"), ({"bogus": 1}, "bogus"), ({"out": "/tmp/x"}, "out")):
         status, body = server.call("POST", "/jobs", {"path": "tiny", "options": {**TINY_OPTIONS, **options}})
         assert status == 400 and words in body["error"], body

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..config import path_fields
 from ..errors import DRGSInputError
 from ..io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 STATE_DIR = "batch_state"
-PATH_KEYS = ("case", "fill", "mask", "geometry", "dicom")
+PATH_KEYS = path_fields()
 STATUSES = ("pending", "running", "done", "error", "cancelled")
 
 

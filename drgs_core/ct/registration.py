@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DRGSInputError
+from ..io.case_folder import dsa_from_runs
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,7 @@ def register_case(case, mode: str = "auto", min_gain: float = 0.05):
         return dataclasses.replace(case, meta={**case.meta, "registration": report}), report
     mask = shift_images(torch.as_tensor(case.mask, dtype=torch.float32), torch.as_tensor(d, dtype=torch.float32))
     mask = mask.numpy()
-    with np.errstate(divide="ignore"):
-        dsa = np.log(mask.astype(np.float64)) - np.log(case.fill.astype(np.float64))
-    dsa = np.clip(np.nan_to_num(dsa, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None).astype(np.float32)
+    dsa = dsa_from_runs(case.fill, mask, "the registered runs")  # the shift keeps the mask positive (border copy)
     report["applied"] = True
     log.info("mask-to-fill registration: mean shift %.2f px (max %.2f), background residual -%.0f %%",
              report["mean_shift_px"], report["max_shift_px"], 100 * gain)

@@ -42,12 +42,13 @@ from starlette.background import BackgroundTask
 from .. import __version__
 from ..errors import DRGSInputError
 from .jobs import FINAL, JOB_ID, TERMINAL_EVENTS, JobManager
+from ..config import path_fields
 from .security import Refused, check_bearer, confined, load_or_create_token, safe_extract
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-PATH_KEYS = ("case", "fill", "mask", "geometry")
+PATH_KEYS = path_fields()  # every input path a client names is confined to its upload or the data root
 SERVER_KEYS = ("out", "resume")  # chosen by the server, never by a client
 UPLOAD_ID = re.compile(r"^[0-9a-f]{16}$")
 KEEPALIVE_S = 15.0
@@ -248,6 +249,8 @@ def create_app(settings: ServerSettings):
         job = job_or_404(job_id)
         if job["state"] not in FINAL:
             raise Refused(409, f"job {job_id} is {job['state']}: cancel it first (POST /jobs/{job_id}/cancel)")
+        if manager.running(job_id):
+            raise Refused(409, f"job {job_id} has its result but its worker is still shutting down: retry shortly")
         manager.delete(job_id)
         return {"deleted": job_id}
 

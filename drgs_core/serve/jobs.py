@@ -168,6 +168,11 @@ class JobManager:
 
         threading.Thread(target=kill_later, daemon=True).start()
 
+    def running(self, job_id: str) -> bool:
+        """Whether the job's worker process is still alive (a job is final at its last event, before it exits)."""
+        with self._lock:
+            return job_id in self._procs
+
     def delete(self, job_id: str) -> None:
         with self._lock:
             job = self._jobs.pop(job_id)

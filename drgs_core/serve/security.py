@@ -12,6 +12,7 @@ import secrets
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 
@@ -88,8 +89,17 @@ def safe_extract(archive, dest, max_bytes: int) -> int:
 
     The whole archive is checked before anything is written: members with absolute paths or '..', links and
     special files are refused (400), as is more than `max_bytes` of unpacked data (413, against archive bombs).
+    A damaged or self-contradicting archive (truncated, bad CRC, a file where a folder must go) is a 400 too.
     """
-    archive, dest = Path(archive), Path(dest)
+    try:
+        return _extract(Path(archive), Path(dest), max_bytes)
+    except Refused:
+        raise
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise Refused(400, f"the archive is damaged or inconsistent ({exc}): pack the case folder again") from None
+
+
+def _extract(archive: Path, dest: Path, max_bytes: int) -> int:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
