@@ -249,7 +249,7 @@ def create_app(settings: ServerSettings):
         job = job_or_404(job_id)
         if job["state"] not in FINAL:
             raise Refused(409, f"job {job_id} is {job['state']}: cancel it first (POST /jobs/{job_id}/cancel)")
-        if manager.running(job_id):
+        if not manager.wait_exit(job_id, timeout=10.0):
             raise Refused(409, f"job {job_id} has its result but its worker is still shutting down: retry shortly")
         manager.delete(job_id)
         return {"deleted": job_id}

@@ -70,7 +70,9 @@ class JobManager:
 
     def _update(self, job_id: str, **fields) -> dict:
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._jobs.get(job_id)
+            if job is None:  # deleted meanwhile (a final job may be deleted while its worker exits)
+                return {}
             job.update(fields)
             self._save(job)
             return dict(job)
@@ -168,10 +170,18 @@ class JobManager:
 
         threading.Thread(target=kill_later, daemon=True).start()
 
-    def running(self, job_id: str) -> bool:
-        """Whether the job's worker process is still alive (a job is final at its last event, before it exits)."""
+    def wait_exit(self, job_id: str, timeout: float) -> bool:
+        """Wait for the job's worker process to exit (a job is final at its last event, a moment before its worker
+        exits); False if it is still running after `timeout` seconds."""
         with self._lock:
-            return job_id in self._procs
+            proc = self._procs.get(job_id)
+        if proc is None:
+            return True
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def delete(self, job_id: str) -> None:
         with self._lock:
@@ -199,7 +209,10 @@ class JobManager:
                 self._run(job_id, env_extra)
             except Exception as exc:  # noqa: BLE001 - the slot must survive anything
                 log.exception("job %s", job_id)
-                self._append(job_id, {"event": "error", "kind": "internal", "message": f"server: {exc}"})
+                try:
+                    self._append(job_id, {"event": "error", "kind": "internal", "message": f"server: {exc}"})
+                except OSError:  # the job's folder is gone (deleted)
+                    pass
                 self._update(job_id, state="error", finished=_now(), message=str(exc))
 
     def _run(self, job_id: str, env_extra: dict) -> None:
@@ -245,5 +258,4 @@ class JobManager:
             self._update(job_id, state="error", finished=_now(), exit_code=code, message=message)
         else:
             self._update(job_id, exit_code=code)
-        state = self.get(job_id)["state"]
-        log.info("job %s: %s", job_id, state)
+        log.info("job %s: %s", job_id, (self.get(job_id) or {}).get("state", "deleted"))
