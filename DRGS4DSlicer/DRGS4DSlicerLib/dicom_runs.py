@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 from . import process
@@ -144,17 +145,21 @@ class RunListing:
 
 class DicomRunLister:
     """Lists DICOM runs in a background worker process.  Call poll() from a timer: it returns None while the
-    worker runs, then a RunListing; errors raise RuntimeError with the worker's message."""
+    worker runs, then a RunListing; errors raise RuntimeError with the worker's message.  A listing that takes
+    longer than `timeout` seconds is killed and reported, so a hung worker cannot keep the panel busy."""
 
-    def __init__(self, paths, python=None, env=None, folder=None):
+    def __init__(self, paths, python=None, env=None, folder=None, timeout: float = 600.0):
         self.sources = [str(p) for p in paths]
         command = process.build_worker_command(python, worker_arguments(self.sources, folder))
         self.worker = process.WorkerProcess(command, env=env, watch_stdin=False)
+        self.timeout = float(timeout)
+        self.deadline = None
         self.result = None
         self.error = None
 
     def start(self) -> "DicomRunLister":
         self.worker.start()
+        self.deadline = time.monotonic() + self.timeout
         return self
 
     def poll(self):
@@ -165,7 +170,11 @@ class DicomRunLister:
             elif kind == "error" and self.error is None:
                 self.error = event.get("message") or "the DICOM listing failed"
         if not self.worker.finished():
-            return None
+            if self.deadline is None or time.monotonic() <= self.deadline:
+                return None
+            self.worker.kill()
+            raise RuntimeError("listing the DICOM runs took more than {seconds:.0f} s and was stopped: check that the "
+                               "folder is reachable, or choose a smaller one".format(seconds=self.timeout))
         if self.result is not None:
             return self.result
         raise RuntimeError(self.error or "the DICOM listing ended without a result")

@@ -90,6 +90,22 @@ def test_worker_error_is_reported(tmp_path):
         wait(lister)
 
 
+def test_a_hung_listing_is_stopped_after_its_timeout(tmp_path):
+    """An interpreter that never answers (here: a script that sleeps) is killed at the deadline, with a message."""
+    sleeper = tmp_path / "python"
+    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
+    sleeper.chmod(0o755)
+    lister = dicom_runs.DicomRunLister([tmp_path], python=str(sleeper), env=worker_env(), timeout=0.5).start()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="took more than"):
+        wait(lister)
+    assert time.monotonic() - t0 < 10
+    deadline = time.monotonic() + 10
+    while lister.worker.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lister.worker.is_running()  # the sleeping process is gone, not left behind
+
+
 class FakeDatabase:
     """The few ctkDICOMDatabase calls the logic uses, over real files."""
 
