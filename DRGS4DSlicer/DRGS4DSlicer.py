@@ -890,11 +890,16 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
     def _python(p):
         return (_path(p.pythonExecutable) if p.useExternalPython else None), bool(p.useExternalPython)
 
-    def startProbe(self, p) -> process.WorkerCommand:
-        """``--probe`` in the background: Python, torch, CUDA devices, render backend (poll the result)."""
-        python, external = self._python(p) if p is not None else (None, False)
+    def _chosenPython(self, p):
+        """Like _python, for the checks that run the engine locally: an external environment needs its interpreter."""
+        python, external = self._python(p)
         if external and not python:
             raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        return python, external
+
+    def startProbe(self, p) -> process.WorkerCommand:
+        """``--probe`` in the background: Python, torch, CUDA devices, render backend (poll the result)."""
+        python, external = self._chosenPython(p) if p is not None else (None, False)
         return process.WorkerCommand(["--probe"], python=python, external=external, timeout=300)
 
     # -- remote server --
@@ -932,9 +937,7 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
 
     def startDicomListing(self, p, databaseFiles=()) -> dicom_runs.DicomRunLister:
         """``--list-dicom`` of the database files and the chosen folder in a background worker (poll the result)."""
-        python, external = self._python(p)
-        if external and not python:
-            raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        python, external = self._chosenPython(p)
         paths = list(databaseFiles)
         if p.dicomUseDatabase and not paths and not _path(p.dicomFolder):
             raise inputs.InputProblem(_("The DICOM database holds no XA series: import the angiography runs with the "
@@ -985,9 +988,7 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
 
     def startDescribe(self, p, dicomChoice=None) -> process.WorkerCommand:
         """``--describe`` of the chosen inputs in the background (scene volumes are exported first)."""
-        python, external = self._python(p)
-        if external and not python:
-            raise inputs.InputProblem(_("Choose the python executable of the external environment."))
+        python, external = self._chosenPython(p)
         folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
         request = self.inputRequest(p, folder, dicomChoice)
         folder.mkdir(parents=True, exist_ok=True)
