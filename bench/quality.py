@@ -9,6 +9,11 @@ against its mask: the ceiling), and held-out PSNR / SSIM.  Rows are printed as t
 
     python bench/quality.py [--presets demo paper hard] [--views 10 20 30] [--schedules fast full]
                             [--size 256,128] [--ablate-registration] [--out DIR] [--no-append]
+    python bench/quality.py --runs paper:30:fast hard:30:fast:off paper:30:fast:auto:grow_sigmas=0,min_speck_voxels=0
+
+A run given as preset:views:schedule[:registration[:key=value,...]] may override ReconstructConfig fields and
+the density control's settings (drgs_core.model.strategy.DensityConfig) for an ablation; the overrides are
+shown in the row's schedule column.
 
 --size H,N overrides the paper-size presets' detector (H x H pixels) and grid (N^3 voxels over the same
 160 mm box), e.g. 256,128 for the issue's 133x256^2 / 128^3 rows.
@@ -53,7 +58,7 @@ def level_sweep(run_dir: Path, case_dir: Path) -> dict:
     value M and Otsu's split; for choosing the default iso-level rule (docs/METHOD.md §10.5)."""
     from drgs_core.io import read_mesh, read_volume
     from drgs_core.metrics import _robust_vessel_value, best_dice, chamfer_hd95, mesh_from_volume, robust_iso_level
-    from drgs_core.specks import drop_specks
+    from drgs_core.specks import GAP_MM, drop_specks
 
     vol, info = read_volume(run_dir / "volume.nii.gz")
     truth_verts, _ = read_mesh(case_dir / "truth" / "mesh.stl")
@@ -64,14 +69,79 @@ def level_sweep(run_dir: Path, case_dir: Path) -> dict:
     levels["otsu"] = robust_iso_level(vol)
     levels["bestdice"] = bthr
     out = {"best_dice_threshold_over_M": bthr / M}
-    for name, lv in levels.items():
-        clean, _, _ = drop_specks(vol, lv)
+    variants = [(name, lv, "auto", GAP_MM) for name, lv in levels.items()]
+    variants += [("0.20M-nospeck", 0.2 * M, 0, 0.0)] + [(f"0.20M-gap{g:g}", 0.2 * M, "auto", g) for g in (0, 1.5, 6)]
+    for name, lv, size, gap in variants:
+        clean, _, _ = drop_specks(vol, lv, size, info.grid.spacing, gap)
         verts, _ = mesh_from_volume(clean, info.grid, lv)
         if len(verts) == 0:
             continue
         d = chamfer_hd95(verts, truth_verts)
         out[name] = (round(lv / M, 3), round(float(d["cd"]), 3), round(float(d["hd95"]), 3))
     return out
+
+
+def parse_overrides(text: str) -> tuple[dict, dict]:
+    """'k=v,k=v' -> (ReconstructConfig values, DensityConfig values); values parsed as JSON where they parse."""
+    from dataclasses import fields as dc_fields
+
+    from drgs_core.config import ReconstructConfig
+    from drgs_core.model.strategy import DensityConfig
+
+    rc_names = {f.name for f in dc_fields(ReconstructConfig)}
+    dc_names = {f.name for f in dc_fields(DensityConfig)}
+    rc, dc = {}, {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key in rc_names:
+            rc[key] = value
+        elif key in dc_names:
+            dc[key] = value
+        else:
+            raise SystemExit(f"unknown override {key!r}: not a ReconstructConfig or DensityConfig field")
+    return rc, dc
+
+
+class density_overrides:
+    """Context: every DensityConfig built inside gets these settings (the bench's ablations only)."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def __enter__(self):
+        from drgs_core.model import strategy
+
+        self.cls, values = strategy.DensityConfig, self.values
+        original = self.cls.__post_init__
+
+        def post_init(cfg):
+            for key, value in values.items():
+                setattr(cfg, key, value)
+            original(cfg)
+
+        self.original = original
+        self.cls.__post_init__ = post_init
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.__post_init__ = self.original
+
+
+def density_story(m: dict) -> str:
+    """One line per few rounds of the density log: n, grown, gated out, pruned (rho / rejected / oversized)."""
+    rounds = [r for r in (m.get("densify") or []) if "n_before" in r]
+    if not rounds:
+        return "no density rounds"
+    parts = []
+    for r in rounds[:: max(1, len(rounds) // 8)] + rounds[-1:]:
+        parts.append(f"it{r['iteration']}: n {r['n_before']}->{r['n']} +{r['cloned']}c/{r['split']}s "
+                     f"cand {r['grow_candidates']} gated {r['grow_gated_out']} capped {r['grow_capped']} "
+                     f"-rho {r['pruned_rho']} -rej {r['pruned_rejected']} -big {r['pruned_oversized']}")
+    return f"budget {rounds[0].get('budget')}; " + "; ".join(parts)
 
 
 def make_case(name: str, out: Path, size, device: str) -> Path:
@@ -104,6 +174,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench" / "out_quality"))
     ap.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"))
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the iso-level sweep after each run")
     args = ap.parse_args()
     from drgs_core.pipeline import ReconstructConfig, run_fdk, run_reconstruction
 
@@ -113,16 +184,17 @@ def main():
     info = device_info()
     command = "python " + " ".join(shlex.quote(a) for a in ["bench/quality.py"] + sys.argv[1:])
     if args.runs:
-        plan = [(p, int(v), s, reg) for p, v, s, *rest in (r.split(":") for r in args.runs)
-                for reg in [rest[0] if rest else "auto"]]
+        plan = [(p, int(v), s, rest[0] if rest else "auto", rest[1] if len(rest) > 1 else "")
+                for p, v, s, *rest in (r.split(":") for r in args.runs)]
     else:
-        plan = [(p, v, s, "auto") for p in args.presets for v in args.views for s in args.schedules]
+        plan = [(p, v, s, "auto", "") for p in args.presets for v in args.views for s in args.schedules]
         if args.ablate_registration:
-            plan += [(p, max(args.views), "fast", "off") for p in args.presets if p.startswith("hard")]
+            plan += [(p, max(args.views), "fast", "off", "") for p in args.presets if p.startswith("hard")]
     rows, cases, fdks, ceilings, sweeps = [], {}, {}, {}, {}
     rows_path = out / "quality_rows.md"
     rows_path.write_text(HEADER)
-    for preset, views, schedule, registration in plan:
+    for preset, views, schedule, registration, overrides in plan:
+        rc_over, dc_over = parse_overrides(overrides)
         if preset not in cases:
             cases[preset] = make_case(preset, out, size, args.device)
             ceilings[preset] = truth_ceiling(cases[preset])
@@ -131,19 +203,23 @@ def main():
             fdks[(preset, views)] = run_fdk(case_dir, out / f"{preset}_fdk_v{views}", views=views,
                                             device=args.device)["truth"]
         fdk = fdks[(preset, views)]
-        run_dir = out / f"{preset}_v{views}_{schedule}_reg-{registration}"
-        cfg = ReconstructConfig(out=str(run_dir), case=str(case_dir), views=views, schedule=schedule,
-                                iterations=args.iterations, device=args.device, registration=registration,
-                                preset="demo" if preset.endswith("demo") else None, times_4d=2)
+        tag = "".join(c if c.isalnum() or c in "=." else "_" for c in overrides)
+        run_dir = out / (f"{preset}_v{views}_{schedule}_reg-{registration}" + (f"_{tag}" if tag else ""))
+        cfg = ReconstructConfig(**{"out": str(run_dir), "case": str(case_dir), "views": views, "schedule": schedule,
+                                   "iterations": args.iterations, "device": args.device,
+                                   "registration": registration, "overwrite": True,
+                                   "preset": "demo" if preset.endswith("demo") else None, "times_4d": 2} | rc_over)
         t0 = time.perf_counter()
-        m = run_reconstruction(cfg)["metrics"]
+        with density_overrides(dc_over):
+            m = run_reconstruction(cfg)["metrics"]
         tr = m["truth"]
         reg = m.get("registration") or {}
         sp = m.get("specks") or {}
         ceiling = ceilings[preset]
         label = preset + ("" if size is None or preset not in ("paper", "hard") else f" {size[0]}^2/{size[1]}^3")
-        row = [info["date"], str(info.get("card")), label, str(views), schedule + ("" if registration == "auto"
-                                                                                    else f" reg {registration}"),
+        shown = schedule + ("" if registration == "auto" else f" reg {registration}") + (
+            f" ({overrides})" if overrides else "")
+        row = [info["date"], str(info.get("card")), label, str(views), shown,
                fmt(m["iterations"]), fmt(m["n_gaussians"]), fmt(m["it_per_s"], 0), fmt(m["timings_s"].get("train"), 1),
                f"{tr['best_dice']:.3f} ({ceiling:.3f})", fmt(tr["best_dice"] / ceiling, 3), fmt(tr["cd_mm"]),
                fmt(tr["hd95_mm"]), f"{fmt(m['heldout_psnr'])} / {fmt(m['heldout_ssim'], 3)}",
@@ -157,8 +233,11 @@ def main():
             f.write(line)
         print(line.strip(), f"({time.perf_counter() - t0:.0f} s; graph {m.get('cuda_graph')}, "
               f"{m.get('graph_captures')} captures, {m.get('skipped_iterations')} skipped)", flush=True)
-        sweeps[run_dir.name] = level_sweep(run_dir, case_dir)
-        print("  iso-level sweep (level/M, CD, HD95):", sweeps[run_dir.name], flush=True)
+        print("  density:", density_story(m), flush=True)
+        print(f"  iso level {m.get('iso_level')}, specks {sp}, timings {m.get('timings_s')}", flush=True)
+        if not args.no_sweep and not overrides:  # ablations are compared at the default level only
+            sweeps[run_dir.name] = level_sweep(run_dir, case_dir)
+            print("  iso-level sweep (level/M, CD, HD95):", sweeps[run_dir.name], flush=True)
         (out / "quality.json").write_text(json.dumps({"rows": rows, "level_sweeps": sweeps}, indent=1))
     if not args.no_append and rows:
         res = Path(args.results)

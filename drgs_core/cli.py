@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-gaussians", type=int, help="cap on the number of Gaussians (default 150000)")
     s.add_argument("--min-speck-voxels", help="mesh and segmentation drop components smaller than this many "
                    "voxels: 'auto' (default), 0 keeps all")
+    s.add_argument("--speck-gap-mm", help="small components within this distance (mm) of a larger one are kept as "
+                   "pieces of a thin vessel (default 3; 0 drops every small component)")
     s.add_argument("--registration", choices=["auto", "on", "off"],
                    help="rigid mask-to-fill registration before subtraction (default auto: when it helps)")
     s.add_argument("--n-levels", type=int, help="hash-grid levels (default 12)")

@@ -78,6 +78,8 @@ class ReconstructConfig:
     detector_binning: int | str = _f("auto", choices=("auto",), min=1)  # merge k x k pixels; "auto": ~voxel size
     # mesh/segmentation drop components smaller than this many voxels; "auto": a fraction of the segmented voxels
     min_speck_voxels: int | str = _f("auto", choices=("auto",), min=0, model=False)
+    # ... unless they lie within this distance (mm) of a larger component: a thin vessel broken at the iso-level
+    speck_gap_mm: float = _f(3.0, min=0.0, max=1000.0, model=False)
     registration: str = _f("auto", choices=("auto", "on", "off"))  # mask-to-fill pixel shift before subtraction
     dicom: str | None = _f(None, path=True, model=False)  # rotational XA DICOM folder (drgs_core.io.dicom)
     fill_uid: str | None = _f(None, model=False)  # with dicom: the fill / mask run ids (default: automatic pairing)

@@ -37,7 +37,7 @@ from .io.run_folder import RunFolder, check_out_folder
 from .stages import STAGES
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
 from .model.gaussians import GaussianModel
-from .specks import drop_specks
+from .specks import drop_specks, haze_aware_segmentation
 from .model.serialize import save_json, save_model, write_gaussians_ply
 from .preview import write_preview
 from .render import active_backend, rasterize, voxelize
@@ -289,7 +289,12 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         vol = voxelize(model.means, model.scales, model.rotations, mean_rho, case.grid).cpu().numpy()
     with ctx.stage("mesh"):
         level = _iso_level(cfg, vol)
-        vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels)
+        if cfg.iso_level is None:
+            level, vol_clean, seg, speck_info = haze_aware_segmentation(vol, level, cfg.min_speck_voxels,
+                                                                        case.grid.spacing, cfg.speck_gap_mm)
+        else:
+            vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels, case.grid.spacing,
+                                                        cfg.speck_gap_mm)
         verts, faces = mesh_from_volume(vol_clean, case.grid, level)
     with ctx.stage("write"):
         check_free_space(out, _output_bytes(cfg, case), "the results")
