@@ -81,7 +81,7 @@ def kernels():
 
     if torch.cuda.is_available():
         return "cuda", _triton_raster, _triton_hashgrid
-    if not isinstance(_triton_raster._splat_forward_kernel, InterpretedFunction):
+    if not isinstance(_triton_raster._raster_kernel, InterpretedFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: no CPU interpreter")
     return "cpu", _triton_raster, _triton_hashgrid
 
