@@ -97,7 +97,7 @@ def test_training_step_never_waits_for_the_gpu(use_backend):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_graph_step_runs_on_a_second_gpu(ext):
+def test_graph_step_runs_on_a_second_gpu(use_backend):
     """A model on cuda:1 while cuda:0 is current: capture and replay happen on the model's device."""
     from drgs_core.train_step import StepRunner
 

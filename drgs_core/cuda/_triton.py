@@ -10,6 +10,7 @@ runs once per reconstruction, ~0.1 s at paper size with the compiled kernels).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -45,6 +46,12 @@ def _probe() -> None:
     err = float((got - want).abs().max() / want.abs().max())
     if not err <= 1e-4:
         raise RuntimeError(f"probe kernel disagrees with the reference (relative error {err:.3g})")
+
+
+def on_device(t: torch.Tensor):
+    """Context in which Triton kernels launch on `t`'s GPU (Triton launches on the current device, torch ops
+    on their tensors' device: a model on cuda:1 needs this); a no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def available() -> bool:

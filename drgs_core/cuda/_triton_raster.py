@@ -27,6 +27,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ..render.common import RasterResult
+from ._triton import on_device
 
 BLOCK = 128       # pixels per step of one Gaussian's box walk
 
@@ -342,9 +343,10 @@ class _Raster(torch.autograd.Function):
         centres = torch.empty(P, 2, dtype=torch.float32, device=dev)
         m2 = means if means2d is None else means2d   # never read when HAS_M2 is off
         if P > 0:
-            _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, image, radii, visible, centres,
-                                 means, means, means, means, means, W, H, HAS_M2=means2d is not None,
-                                 BACKWARD=False, BLOCK=BLOCK, num_warps=4)
+            with on_device(means):
+                _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, image, radii, visible, centres,
+                                     means, means, means, means, means, W, H, HAS_M2=means2d is not None,
+                                     BACKWARD=False, BLOCK=BLOCK, num_warps=4)
         ctx.save_for_backward(means, scales, rotations, rho, m2, params)
         ctx.size = (W, H)
         ctx.has_m2 = means2d is not None
@@ -363,9 +365,10 @@ class _Raster(torch.autograd.Function):
         g_m2 = torch.empty_like(m2) if ctx.has_m2 else None
         if P > 0:
             g = grad_image.contiguous().float()
-            _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, g, means, means, means,
-                                 g_means, g_scales, g_rot, g_rho, means if g_m2 is None else g_m2, W, H,
-                                 HAS_M2=ctx.has_m2, BACKWARD=True, BLOCK=BLOCK, num_warps=4)
+            with on_device(means):
+                _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, g, means, means, means,
+                                     g_means, g_scales, g_rot, g_rho, means if g_m2 is None else g_m2, W, H,
+                                     HAS_M2=ctx.has_m2, BACKWARD=True, BLOCK=BLOCK, num_warps=4)
         return g_means, g_scales, g_rot, g_rho, g_m2, None, None, None
 
 
