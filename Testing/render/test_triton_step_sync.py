@@ -52,7 +52,7 @@ def triton_on_cpu(monkeypatch):
     from drgs_core.cuda import _triton, _triton_raster
     from drgs_core.model.hashgrid import HashGridEncoding
 
-    if not isinstance(_triton_raster._raster_kernel, InterpretedFunction):
+    if not isinstance(_triton_raster._project_kernel, InterpretedFunction):
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: no CPU interpreter")
     monkeypatch.setattr(train_step, "rasterize", _triton.rasterize)
     monkeypatch.setattr(HashGridEncoding, "forward", lambda self, x: _triton.hashgrid_encode(self, x))

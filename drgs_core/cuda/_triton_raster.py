@@ -1,18 +1,21 @@
 """Triton X-ray rasteriser (backend "triton"): the numerical rules of `render.common`, evaluated as
 csrc/gauss_math.h does (per-Gaussian projection and its chain rule in float64, pixels in float32).
 
-One kernel, one program per Gaussian, run twice per training step (why: DESIGN.md, "Triton backend"):
+Two kernels, each compiled for both directions (why: DESIGN.md, "Triton backend"):
 
-* forward: project the Gaussian (cull, centre, Sigma'_2 = M M^T, conic, eta, clipped pixel box), write its
-  radius / visibility / centre, and add w exp(-q/2) over its box into the image with atomic adds (additive
-  X-ray model, no depth order);
-* backward: project again, gather dLoss/dpixel over the same box into the six pixel sums of gauss_math.h
-  (PixelSums), and push them through the projection's chain rule (`project_backward` of gauss_math.h) to the
-  gradients of means, scales, rotations, rho and means2d: no atomics, no pair list.
+* `_project_kernel`, one Gaussian per lane: forward, the projection (cull, centre, Sigma'_2 = M M^T, conic,
+  eta, clipped pixel box) -> splat parameters, box, radii / visibility / centres; backward, the same projection
+  again and the chain rule of gauss_math.h's `project_backward` from the six pixel sums to the gradients of
+  means, scales, rotations, rho and means2d.
+* `_splat_kernel`, one program per Gaussian walking its pixel box: forward, adds w exp(-q/2) into the image
+  with atomic adds (additive X-ray model, no depth order); backward, gathers dLoss/dpixel into the six pixel
+  sums (PixelSums of gauss_math.h): no atomics, no pair list.
 
-Nothing here depends on the data on the host: buffer sizes come from P, H and W only, culled or off-image
-Gaussians are masked (an empty box), never removed.  So the step has no host synchronisation and can be
-captured in a CUDA graph; there is no capacity that could overflow (`RasterResult.n_pairs` is None).
+A training step is four launches.  Nothing here depends on the data on the host: buffer sizes come from P,
+H and W only, culled or off-image Gaussians are masked (an empty box), never removed.  So the step has no
+host synchronisation and can be captured in a CUDA graph; there is no capacity that could overflow
+(`RasterResult.n_pairs` is None).  (A first version did the projection in torch ops: ~200 tiny kernels per
+step, and the backward of `prod` calls `.item()`, which CUDA-graph capture refuses.)
 
 Quadratic form (stable): q = A (dx + r dy)^2 + D dy^2, dx = x - u, dy = y - v, with the conic
 [[A, B], [B, C]] = Sigma'_2^-1, r = B / A, D = C - B r.  Pixel (x, y) belongs to the box of a Gaussian iff
@@ -29,7 +32,8 @@ from torch.autograd.function import once_differentiable
 from ..render.common import RasterResult
 from ._triton import on_device
 
-BLOCK = 128       # pixels per step of one Gaussian's box walk
+BLOCK = 128          # pixels per step of one Gaussian's box walk
+PROJECT_BLOCK = 128  # Gaussians per program of the projection (one per lane)
 
 
 @triton.jit
@@ -44,26 +48,29 @@ def _row_times_v(w0, w1, w2, R00, R01, R02, R10, R11, R12, R20, R21, R22, s0, s1
             (w0 * R02 + w1 * R12 + w2 * R22) * s2)
 
 
-@triton.jit(do_not_specialize=["W", "H"])
-def _raster_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, img_ptr,
-                   radii_ptr, visible_ptr, centres_ptr,
-                   gmeans_ptr, gscales_ptr, grot_ptr, grho_ptr, gm2_ptr, W, H,
-                   HAS_M2: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
-    """Forward (BACKWARD=False): img_ptr is the image to add into; radii/visible/centres are written.
-    Backward: img_ptr is dLoss/dimage; the g*_ptr gradients are written (zero for invisible Gaussians)."""
-    i = tl.program_id(0).to(tl.int64)
+@triton.jit(do_not_specialize=["P", "W", "H"])
+def _project_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, prm_ptr, box_ptr,
+                    radii_ptr, visible_ptr, centres_ptr, sums_ptr,
+                    gmeans_ptr, gscales_ptr, grot_ptr, grho_ptr, gm2_ptr, P, W, H,
+                    HAS_M2: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK Gaussians per program, one per lane.  Forward (BACKWARD=False): writes the splat parameters
+    prm [P, 6] (u, v, A, r, D, w) float32, box [P, 4] (x0, y0, box width, box area; area 0 = invisible) int32
+    and radii / visible / centres.  Backward: reads the pixel sums [P, 6] of `_splat_kernel` and writes the
+    gradients g* (zero for invisible Gaussians)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < P
     f64 = tl.float64
-    mu0 = tl.load(means_ptr + 3 * i).to(f64)
-    mu1 = tl.load(means_ptr + 3 * i + 1).to(f64)
-    mu2 = tl.load(means_ptr + 3 * i + 2).to(f64)
-    s0 = tl.load(scales_ptr + 3 * i).to(f64)
-    s1 = tl.load(scales_ptr + 3 * i + 1).to(f64)
-    s2 = tl.load(scales_ptr + 3 * i + 2).to(f64)
-    q0 = tl.load(rot_ptr + 4 * i).to(f64)
-    q1 = tl.load(rot_ptr + 4 * i + 1).to(f64)
-    q2 = tl.load(rot_ptr + 4 * i + 2).to(f64)
-    q3 = tl.load(rot_ptr + 4 * i + 3).to(f64)
-    rho = tl.load(rho_ptr + i).to(f64)
+    mu0 = tl.load(means_ptr + 3 * i, mask=m, other=0.0).to(f64)
+    mu1 = tl.load(means_ptr + 3 * i + 1, mask=m, other=0.0).to(f64)
+    mu2 = tl.load(means_ptr + 3 * i + 2, mask=m, other=0.0).to(f64)
+    s0 = tl.load(scales_ptr + 3 * i, mask=m, other=1.0).to(f64)
+    s1 = tl.load(scales_ptr + 3 * i + 1, mask=m, other=1.0).to(f64)
+    s2 = tl.load(scales_ptr + 3 * i + 2, mask=m, other=1.0).to(f64)
+    q0 = tl.load(rot_ptr + 4 * i, mask=m, other=1.0).to(f64)
+    q1 = tl.load(rot_ptr + 4 * i + 1, mask=m, other=0.0).to(f64)
+    q2 = tl.load(rot_ptr + 4 * i + 2, mask=m, other=0.0).to(f64)
+    q3 = tl.load(rot_ptr + 4 * i + 3, mask=m, other=0.0).to(f64)
+    rho = tl.load(rho_ptr + i, mask=m, other=0.0).to(f64)
     # packed camera: R row-major (world -> camera), T (mm), fx, fy, cx, cy (pixels)
     C00 = tl.load(cam_ptr + 0)
     C01 = tl.load(cam_ptr + 1)
@@ -95,8 +102,8 @@ def _raster_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, img
     u = cx + fx * x * iz
     v = cy + fy * y * iz
     if HAS_M2:
-        u += tl.load(m2_ptr + 2 * i).to(f64)
-        v += tl.load(m2_ptr + 2 * i + 1).to(f64)
+        u += tl.load(m2_ptr + 2 * i, mask=m, other=0.0).to(f64)
+        v += tl.load(m2_ptr + 2 * i + 1, mask=m, other=0.0).to(f64)
     L = tl.sqrt(x * x + y * y + z * z)
     qnorm = tl.sqrt(q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3)
     qnorm = tl.where(qnorm > 1e-12, qnorm, 1e-12)
@@ -166,60 +173,30 @@ def _raster_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, img
     bw = tl.where(visible, fx1 - fx0 + 1.0, 0.0).to(tl.int32)
     area = bw * tl.where(visible, fy1 - fy0 + 1.0, 0.0).to(tl.int32)     # 0 for an invisible Gaussian
 
-    # ---- pixels, float32 (one set of values for both directions)
-    uf = u.to(tl.float32)
-    vf = v.to(tl.float32)
-    Af = A.to(tl.float32)
-    rf = r.to(tl.float32)
-    Df = D.to(tl.float32)
-    wf = (rho * eta).to(tl.float32)
-    lanes = tl.arange(0, BLOCK)
     if not BACKWARD:
         radius = tl.ceil(tl.where(hx > hy, hx, hy))
         radius = tl.where(radius < 1e9, radius, 1e9)
-        tl.store(radii_ptr + i, tl.where(visible, radius, 0.0).to(tl.int32))
-        tl.store(visible_ptr + i, visible.to(tl.int8))
-        tl.store(centres_ptr + 2 * i, tl.where(front, u, 0.0).to(tl.float32))
-        tl.store(centres_ptr + 2 * i + 1, tl.where(front, v, 0.0).to(tl.float32))
-        for start in range(0, area, BLOCK):
-            k = start + lanes
-            px = x0 + k % bw
-            py = y0 + k // bw
-            dx = px.to(tl.float32) - uf
-            dy = py.to(tl.float32) - vf
-            t = dx + rf * dy
-            e = tl.exp(-0.5 * (Af * t * t + Df * dy * dy))
-            tl.atomic_add(img_ptr + py.to(tl.int64) * W + px, wf * e, mask=k < area)
+        tl.store(radii_ptr + i, tl.where(visible, radius, 0.0).to(tl.int32), mask=m)
+        tl.store(visible_ptr + i, visible.to(tl.int8), mask=m)
+        tl.store(centres_ptr + 2 * i, tl.where(front, u, 0.0).to(tl.float32), mask=m)
+        tl.store(centres_ptr + 2 * i + 1, tl.where(front, v, 0.0).to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i, u.to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i + 1, v.to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i + 2, A.to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i + 3, r.to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i + 4, D.to(tl.float32), mask=m)
+        tl.store(prm_ptr + 6 * i + 5, (rho * eta).to(tl.float32), mask=m)
+        tl.store(box_ptr + 4 * i, x0, mask=m)
+        tl.store(box_ptr + 4 * i + 1, y0, mask=m)
+        tl.store(box_ptr + 4 * i + 2, bw, mask=m)
+        tl.store(box_ptr + 4 * i + 3, area, mask=m)
     else:
-        # the six PixelSums of gauss_math.h, lane-wise; s = -1/2 g w e = dLoss/dq at a pixel
-        acc_w = tl.zeros([BLOCK], dtype=tl.float32)     # sum g e
-        acc_tt = tl.zeros([BLOCK], dtype=tl.float32)    # sum s t^2
-        acc_ty = tl.zeros([BLOCK], dtype=tl.float32)    # sum s t dy
-        acc_yy = tl.zeros([BLOCK], dtype=tl.float32)    # sum s dy^2
-        acc_t = tl.zeros([BLOCK], dtype=tl.float32)     # sum s t
-        acc_y = tl.zeros([BLOCK], dtype=tl.float32)     # sum s dy
-        for start in range(0, area, BLOCK):
-            k = start + lanes
-            px = x0 + k % bw
-            py = y0 + k // bw
-            g = tl.load(img_ptr + py.to(tl.int64) * W + px, mask=k < area, other=0.0)
-            dx = px.to(tl.float32) - uf
-            dy = py.to(tl.float32) - vf
-            t = dx + rf * dy
-            ge_ = g * tl.exp(-0.5 * (Af * t * t + Df * dy * dy))
-            sp = -0.5 * ge_ * wf
-            acc_w += ge_
-            acc_tt += sp * t * t
-            acc_ty += sp * t * dy
-            acc_yy += sp * dy * dy
-            acc_t += sp * t
-            acc_y += sp * dy
-        Sw = tl.sum(acc_w, axis=0).to(f64)
-        St2 = tl.sum(acc_tt, axis=0).to(f64)
-        Stdy = tl.sum(acc_ty, axis=0).to(f64)
-        Sdy2 = tl.sum(acc_yy, axis=0).to(f64)
-        St = tl.sum(acc_t, axis=0).to(f64)
-        Sdy = tl.sum(acc_y, axis=0).to(f64)
+        Sw = tl.load(sums_ptr + 6 * i, mask=m, other=0.0).to(f64)
+        St2 = tl.load(sums_ptr + 6 * i + 1, mask=m, other=0.0).to(f64)
+        Stdy = tl.load(sums_ptr + 6 * i + 2, mask=m, other=0.0).to(f64)
+        Sdy2 = tl.load(sums_ptr + 6 * i + 3, mask=m, other=0.0).to(f64)
+        St = tl.load(sums_ptr + 6 * i + 4, mask=m, other=0.0).to(f64)
+        Sdy = tl.load(sums_ptr + 6 * i + 5, mask=m, other=0.0).to(f64)
 
         # ---- chain rule (gauss_math.h `project_backward`)
         # pixel-level parameters (A, r, D, u, v, w)
@@ -314,20 +291,79 @@ def _raster_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, img
         gqz = 2.0 * (-2.0 * qz * G0 - qw * G1 + qx * G2 + qw * G3 - 2.0 * qz * G4 + qy * G5 + qx * G6 + qy * G7)
         dot = gqw * qw + gqx * qx + gqy * qy + gqz * qz
         # only visible Gaussians receive gradient (exactly zero elsewhere, never NaN)
-        tl.store(gmeans_ptr + 3 * i, tl.where(visible, gmu0, 0.0).to(tl.float32))
-        tl.store(gmeans_ptr + 3 * i + 1, tl.where(visible, gmu1, 0.0).to(tl.float32))
-        tl.store(gmeans_ptr + 3 * i + 2, tl.where(visible, gmu2, 0.0).to(tl.float32))
-        tl.store(gscales_ptr + 3 * i, tl.where(visible, gs0, 0.0).to(tl.float32))
-        tl.store(gscales_ptr + 3 * i + 1, tl.where(visible, gs1, 0.0).to(tl.float32))
-        tl.store(gscales_ptr + 3 * i + 2, tl.where(visible, gs2, 0.0).to(tl.float32))
-        tl.store(grot_ptr + 4 * i, tl.where(visible, (gqw - qw * dot) / qnorm, 0.0).to(tl.float32))
-        tl.store(grot_ptr + 4 * i + 1, tl.where(visible, (gqx - qx * dot) / qnorm, 0.0).to(tl.float32))
-        tl.store(grot_ptr + 4 * i + 2, tl.where(visible, (gqy - qy * dot) / qnorm, 0.0).to(tl.float32))
-        tl.store(grot_ptr + 4 * i + 3, tl.where(visible, (gqz - qz * dot) / qnorm, 0.0).to(tl.float32))
-        tl.store(grho_ptr + i, tl.where(visible, g_rho, 0.0).to(tl.float32))
+        tl.store(gmeans_ptr + 3 * i, tl.where(visible, gmu0, 0.0).to(tl.float32), mask=m)
+        tl.store(gmeans_ptr + 3 * i + 1, tl.where(visible, gmu1, 0.0).to(tl.float32), mask=m)
+        tl.store(gmeans_ptr + 3 * i + 2, tl.where(visible, gmu2, 0.0).to(tl.float32), mask=m)
+        tl.store(gscales_ptr + 3 * i, tl.where(visible, gs0, 0.0).to(tl.float32), mask=m)
+        tl.store(gscales_ptr + 3 * i + 1, tl.where(visible, gs1, 0.0).to(tl.float32), mask=m)
+        tl.store(gscales_ptr + 3 * i + 2, tl.where(visible, gs2, 0.0).to(tl.float32), mask=m)
+        tl.store(grot_ptr + 4 * i, tl.where(visible, (gqw - qw * dot) / qnorm, 0.0).to(tl.float32), mask=m)
+        tl.store(grot_ptr + 4 * i + 1, tl.where(visible, (gqx - qx * dot) / qnorm, 0.0).to(tl.float32), mask=m)
+        tl.store(grot_ptr + 4 * i + 2, tl.where(visible, (gqy - qy * dot) / qnorm, 0.0).to(tl.float32), mask=m)
+        tl.store(grot_ptr + 4 * i + 3, tl.where(visible, (gqz - qz * dot) / qnorm, 0.0).to(tl.float32), mask=m)
+        tl.store(grho_ptr + i, tl.where(visible, g_rho, 0.0).to(tl.float32), mask=m)
         if HAS_M2:
-            tl.store(gm2_ptr + 2 * i, tl.where(visible, gu, 0.0).to(tl.float32))
-            tl.store(gm2_ptr + 2 * i + 1, tl.where(visible, gv, 0.0).to(tl.float32))
+            tl.store(gm2_ptr + 2 * i, tl.where(visible, gu, 0.0).to(tl.float32), mask=m)
+            tl.store(gm2_ptr + 2 * i + 1, tl.where(visible, gv, 0.0).to(tl.float32), mask=m)
+
+
+@triton.jit(do_not_specialize=["W"])
+def _splat_kernel(prm_ptr, box_ptr, img_ptr, sums_ptr, W, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per Gaussian walks its pixel box in flat blocks of BLOCK pixels.  Forward: adds
+    w exp(-q/2) into the image img_ptr.  Backward: img_ptr is dLoss/dimage; writes the six pixel sums of
+    gauss_math.h (PixelSums: Sw, St2, Stdy, Sdy2, St, Sdy) to sums [P, 6]."""
+    i = tl.program_id(0).to(tl.int64)
+    x0 = tl.load(box_ptr + 4 * i)
+    y0 = tl.load(box_ptr + 4 * i + 1)
+    bw = tl.load(box_ptr + 4 * i + 2)
+    area = tl.load(box_ptr + 4 * i + 3)
+    u = tl.load(prm_ptr + 6 * i)
+    v = tl.load(prm_ptr + 6 * i + 1)
+    A = tl.load(prm_ptr + 6 * i + 2)
+    r = tl.load(prm_ptr + 6 * i + 3)
+    D = tl.load(prm_ptr + 6 * i + 4)
+    w = tl.load(prm_ptr + 6 * i + 5)
+    lanes = tl.arange(0, BLOCK)
+    if not BACKWARD:
+        for start in range(0, area, BLOCK):
+            k = start + lanes
+            px = x0 + k % bw
+            py = y0 + k // bw
+            dx = px.to(tl.float32) - u
+            dy = py.to(tl.float32) - v
+            t = dx + r * dy
+            e = tl.exp(-0.5 * (A * t * t + D * dy * dy))
+            tl.atomic_add(img_ptr + py.to(tl.int64) * W + px, w * e, mask=k < area)
+    else:
+        # lane-wise sums; s = -1/2 g w e = dLoss/dq at a pixel
+        acc_w = tl.zeros([BLOCK], dtype=tl.float32)     # sum g e
+        acc_tt = tl.zeros([BLOCK], dtype=tl.float32)    # sum s t^2
+        acc_ty = tl.zeros([BLOCK], dtype=tl.float32)    # sum s t dy
+        acc_yy = tl.zeros([BLOCK], dtype=tl.float32)    # sum s dy^2
+        acc_t = tl.zeros([BLOCK], dtype=tl.float32)     # sum s t
+        acc_y = tl.zeros([BLOCK], dtype=tl.float32)     # sum s dy
+        for start in range(0, area, BLOCK):
+            k = start + lanes
+            px = x0 + k % bw
+            py = y0 + k // bw
+            g = tl.load(img_ptr + py.to(tl.int64) * W + px, mask=k < area, other=0.0)
+            dx = px.to(tl.float32) - u
+            dy = py.to(tl.float32) - v
+            t = dx + r * dy
+            ge = g * tl.exp(-0.5 * (A * t * t + D * dy * dy))
+            sp = -0.5 * ge * w
+            acc_w += ge
+            acc_tt += sp * t * t
+            acc_ty += sp * t * dy
+            acc_yy += sp * dy * dy
+            acc_t += sp * t
+            acc_y += sp * dy
+        tl.store(sums_ptr + 6 * i, tl.sum(acc_w, axis=0))
+        tl.store(sums_ptr + 6 * i + 1, tl.sum(acc_tt, axis=0))
+        tl.store(sums_ptr + 6 * i + 2, tl.sum(acc_ty, axis=0))
+        tl.store(sums_ptr + 6 * i + 3, tl.sum(acc_yy, axis=0))
+        tl.store(sums_ptr + 6 * i + 4, tl.sum(acc_t, axis=0))
+        tl.store(sums_ptr + 6 * i + 5, tl.sum(acc_y, axis=0))
 
 
 class _Raster(torch.autograd.Function):
@@ -341,13 +377,17 @@ class _Raster(torch.autograd.Function):
         radii = torch.empty(P, dtype=torch.int32, device=dev)
         visible = torch.empty(P, dtype=torch.int8, device=dev)
         centres = torch.empty(P, 2, dtype=torch.float32, device=dev)
+        prm = torch.empty(P, 6, dtype=torch.float32, device=dev)
+        box = torch.empty(P, 4, dtype=torch.int32, device=dev)
         m2 = means if means2d is None else means2d   # never read when HAS_M2 is off
         if P > 0:
             with on_device(means):
-                _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, image, radii, visible, centres,
-                                     means, means, means, means, means, W, H, HAS_M2=means2d is not None,
-                                     BACKWARD=False, BLOCK=BLOCK, num_warps=4)
-        ctx.save_for_backward(means, scales, rotations, rho, m2, params)
+                _project_kernel[(triton.cdiv(P, PROJECT_BLOCK),)](
+                    means, scales, rotations, rho, m2, params, prm, box, radii, visible, centres, prm,
+                    prm, prm, prm, prm, prm, P, W, H, HAS_M2=means2d is not None, BACKWARD=False,
+                    BLOCK=PROJECT_BLOCK, num_warps=4)
+                _splat_kernel[(P,)](prm, box, image, prm, W, BACKWARD=False, BLOCK=BLOCK, num_warps=4)
+        ctx.save_for_backward(means, scales, rotations, rho, m2, params, prm, box)
         ctx.size = (W, H)
         ctx.has_m2 = means2d is not None
         visible = visible.view(torch.bool)
@@ -357,7 +397,7 @@ class _Raster(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_image, *_unused):
-        means, scales, rotations, rho, m2, params = ctx.saved_tensors
+        means, scales, rotations, rho, m2, params, prm, box = ctx.saved_tensors
         W, H = ctx.size
         P = means.shape[0]
         g_means, g_scales = torch.empty_like(means), torch.empty_like(scales)
@@ -365,10 +405,13 @@ class _Raster(torch.autograd.Function):
         g_m2 = torch.empty_like(m2) if ctx.has_m2 else None
         if P > 0:
             g = grad_image.contiguous().float()
+            sums = torch.empty_like(prm)
             with on_device(means):
-                _raster_kernel[(P,)](means, scales, rotations, rho, m2, params, g, means, means, means,
-                                     g_means, g_scales, g_rot, g_rho, means if g_m2 is None else g_m2, W, H,
-                                     HAS_M2=ctx.has_m2, BACKWARD=True, BLOCK=BLOCK, num_warps=4)
+                _splat_kernel[(P,)](prm, box, g, sums, W, BACKWARD=True, BLOCK=BLOCK, num_warps=4)
+                _project_kernel[(triton.cdiv(P, PROJECT_BLOCK),)](
+                    means, scales, rotations, rho, m2, params, prm, box, prm, prm, prm, sums,
+                    g_means, g_scales, g_rot, g_rho, means if g_m2 is None else g_m2, P, W, H,
+                    HAS_M2=ctx.has_m2, BACKWARD=True, BLOCK=PROJECT_BLOCK, num_warps=4)
         return g_means, g_scales, g_rot, g_rho, g_m2, None, None, None
 
 
