@@ -13,9 +13,10 @@ largest count seen so far with a 2x margin.  An iteration whose view needed more
 on the device (Adam's `found_inf`, and the density statistics are masked) and the next check re-captures
 with more room; `skipped` counts them.
 
-Anywhere else (CPU, the torch reference renderer, `cuda_graph=False`) the same iteration runs eagerly.  The
+Both GPU backends ("cuda-ext" and "triton") are captured; their steps have no host synchronisation.  The
 Triton rasteriser keeps no pair list (n_pairs is None), so with it nothing is ever skipped or re-captured
-for lack of room.
+for lack of room.  Anywhere else (CPU, the torch reference renderer, whose culling has data-dependent shapes,
+or `cuda_graph=False`) the same iteration runs eagerly.
 """
 
 from __future__ import annotations
@@ -53,15 +54,14 @@ class StepRunner:
         self.gt = torch.zeros(H, W, dtype=dsa.dtype, device=dev)
         self.t = torch.zeros((), dtype=torch.float32, device=dev)
         self.ssim_weight = float(ssim_weight)
-        # Only the compiled extension's step is captured: the Triton backward is not capturable yet (it failed
-        # with cudaErrorStreamCaptureUnsupported on the H200, bench/RESULTS.md), so the Triton backend runs eagerly.
-        self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) == "cuda-ext")
-        self.capacity: int | None = None
+        self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) != "torch")
+        self.capacity: int | None = None  # pair-list capacity of the graph; None: no pair list (Triton) / eager
         self.capacity_margin = 2.0      # pair-list capacity >= margin x the largest pair count seen + slack
         self.capacity_slack = 4096
         self.pairs_seen = torch.zeros((), dtype=torch.int64, device=dev)   # largest pair count so far
         self.skipped_dev = torch.zeros((), dtype=torch.int64, device=dev)  # iterations skipped (overflow)
         self.captures = 0
+        self._pair_list = False         # the rasteriser reports n_pairs (set by every eager iteration)
         self._graph = None
         self._graph_loss = None
         self._graph_for = None
@@ -113,6 +113,7 @@ class StepRunner:
         loss = (1 - w) * (img - self.gt).abs().mean() + w * (1 - ssim(img, self.gt))
         loss.backward()
         keep = None
+        self._pair_list = out.n_pairs is not None
         if out.n_pairs is not None:
             torch.maximum(self.pairs_seen, out.n_pairs, out=self.pairs_seen)
             if capacity is not None:
@@ -144,8 +145,9 @@ class StepRunner:
         with torch.cuda.stream(side):
             loss = self._iteration(model, opt, stats, capacity=None)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        needed = int(self.pairs_seen)
-        self.capacity = max(self.capacity or 0, int(self.capacity_margin * needed) + self.capacity_slack)
+        if self._pair_list:
+            needed = int(self.pairs_seen)
+            self.capacity = max(self.capacity or 0, int(self.capacity_margin * needed) + self.capacity_slack)
         loss = loss.clone()
         opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()

@@ -38,8 +38,6 @@ def test_graph_replay_matches_eager_steps(use_backend):
     from drgs_core.model.density import DensityStats
     from drgs_core.train_step import StepRunner
 
-    if use_backend == "triton":
-        pytest.skip("the Triton backward is not capturable yet: StepRunner runs it eagerly")
     runs = {}
     for use_graph in (False, True):
         model, dsa, cams, cfg, make_optimizer = _setup()
@@ -73,8 +71,33 @@ def test_graph_replay_matches_eager_steps(use_backend):
     assert torch.allclose(s_g.grad_sum, s_e.grad_sum, rtol=1e-3, atol=1e-9)
 
 
+def test_training_step_never_waits_for_the_gpu(use_backend):
+    """After a warm-up, one whole step (with the fixed pair capacity a graph uses, for cuda-ext) runs under
+    CUDA's sync debug mode "error": any host synchronisation (.item(), nonzero, a pageable copy) raises."""
+    from drgs_core.model.density import DensityStats
+    from drgs_core.train_step import StepRunner
+
+    model, dsa, cams, cfg, make_optimizer = _setup(3)
+    opt = make_optimizer(model, cfg, capturable=True)
+    runner = StepRunner(model, dsa, cams, 2.0, 0.2, use_graph=False)
+    stats = DensityStats.zeros(model.n, "cuda")
+    runner.load(0, 0.5)
+    runner.run(model, opt, stats)       # compiles kernels, fills caches and the optimizer state
+    capacity = 2 * int(runner.pairs_seen) + 4096
+    runner.load(1, 0.25)
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = runner._iteration(model, opt, stats, capacity=capacity)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and runner.skipped == 0
+    assert float(stats.visible_count.max()) == 2.0
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_graph_step_runs_on_a_second_gpu(ext):
+def test_graph_step_runs_on_a_second_gpu(use_backend):
     """A model on cuda:1 while cuda:0 is current: capture and replay happen on the model's device."""
     from drgs_core.train_step import StepRunner
 
@@ -149,8 +172,7 @@ def test_graph_run_resumes_from_its_checkpoint(use_backend, tiny_case, tmp_path)
     done = run_reconstruction(ReconstructConfig(resume=True, **base), on_event=on_resumed)
     m = done["metrics"]
     assert done["status"] == "done" and m["iterations"] == 200
-    graph = use_backend == "cuda-ext"  # the Triton step runs eagerly (its backward is not capturable yet)
-    assert m["cuda_graph"] is graph and (m["graph_captures"] >= 1) is graph and m["skipped_iterations"] == 0
+    assert m["cuda_graph"] is True and m["graph_captures"] >= 1 and m["skipped_iterations"] == 0
     assert m["backend"] == use_backend
     assert first["it"] > 100  # continued from the checkpoint, not from scratch
     fresh = run_reconstruction(ReconstructConfig(**{**base, "out": str(tmp_path / "fresh")}))["metrics"]

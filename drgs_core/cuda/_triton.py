@@ -2,13 +2,15 @@
 `triton-windows` package on Windows), so no CUDA toolkit and no C++ compiler toolchain for PyTorch extensions
 are needed.  Same functions as the "cuda-ext" backend (`_wrapper.py`); see `drgs_core.cuda`.
 
-Coverage: rasteriser forward/backward (`_triton_raster`) and hash-grid encoding forward/backward
-(`_triton_hashgrid`) are Triton kernels; the voxeliser runs the PyTorch reference on the GPU (it runs once
-per reconstruction, ~0.1 s at paper size with the compiled kernels).
+Coverage: rasteriser forward/backward (`_triton_raster`, projection fused into the kernels) and hash-grid
+encoding forward/backward (`_triton_hashgrid`) are Triton kernels, free of host synchronisation (the training
+step is captured in a CUDA graph as with "cuda-ext"); the voxeliser runs the PyTorch reference on the GPU (it
+runs once per reconstruction, ~0.1 s at paper size with the compiled kernels).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -24,17 +26,32 @@ _state: dict = {"tried": False, "ok": False, "reason": "not probed yet"}
 
 
 def _probe() -> None:
-    """Import triton and compile + run one tiny kernel (Triton needs a working host C compiler for its
-    launcher and a driver that accepts its PTX; a failure here sends us to the PyTorch reference)."""
+    """Import triton and compile + run the rasteriser's forward kernel once on one Gaussian, checked against
+    the PyTorch reference (Triton needs a working host C compiler for its launcher and a driver that accepts
+    its PTX; a failure here sends us to the PyTorch reference)."""
     import triton  # noqa: F401
 
-    from ._triton_raster import _Splat
+    from ..geometry import PackedCamera
+    from ..render import torch_ref
+    from ._triton_raster import rasterize as triton_rasterize
 
-    prm = torch.tensor([[1.0, 1.0, 1.0, 0.0, 1.0, 2.0]], device="cuda")
-    box = torch.tensor([[0, 0, 2, 2]], dtype=torch.int32, device="cuda")
-    image = _Splat.apply(prm, box, 3, 3)
-    if abs(float(image[1, 1]) - 2.0) > 1e-5:
-        raise RuntimeError(f"probe kernel computed {float(image[1, 1])}, expected 2.0")
+    dev = torch.device("cuda")
+    eye = torch.eye(3, dtype=torch.float64).flatten().tolist()
+    cam = PackedCamera(torch.tensor(eye + [0.0, 0.0, 100.0, 50.0, 50.0, 4.0, 4.0], dtype=torch.float64,
+                                    device=dev), 9, 9)
+    gauss = (torch.zeros(1, 3, device=dev), torch.full((1, 3), 2.0, device=dev),
+             torch.tensor([[1.0, 0.0, 0.0, 0.0]], device=dev), torch.ones(1, device=dev))
+    got = triton_rasterize(*gauss, cam.params, 9, 9).image
+    want = torch_ref.rasterize(*gauss, cam).image
+    err = float((got - want).abs().max() / want.abs().max())
+    if not err <= 1e-4:
+        raise RuntimeError(f"probe kernel disagrees with the reference (relative error {err:.3g})")
+
+
+def on_device(t: torch.Tensor):
+    """Context in which Triton kernels launch on `t`'s GPU (Triton launches on the current device, torch ops
+    on their tensors' device: a model on cuda:1 needs this); a no-op for CPU tensors (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def available() -> bool:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton import on_device
 from ._wrapper import hash_meta
 
 BLOCK = 128
@@ -171,11 +172,12 @@ def _launch(x, table, meta, out=None, gout=None, gtable=None, gx=None):
     if P == 0:
         return
     dummy = x  # never dereferenced when the matching flag is off
-    _hash_kernel[(triton.cdiv(P, BLOCK),)](
-        x, table, res, off, hashed, dummy if out is None else out, dummy if gout is None else gout,
-        dummy if gtable is None else gtable, dummy if gx is None else gx, P, table_size - 1,
-        D=D, F=F, L=L, BACKWARD=gout is not None, NEED_TABLE=gtable is not None, NEED_X=gx is not None,
-        BLOCK=BLOCK, num_warps=4, **_NO_FMA)
+    with on_device(x):
+        _hash_kernel[(triton.cdiv(P, BLOCK),)](
+            x, table, res, off, hashed, dummy if out is None else out, dummy if gout is None else gout,
+            dummy if gtable is None else gtable, dummy if gx is None else gx, P, table_size - 1,
+            D=D, F=F, L=L, BACKWARD=gout is not None, NEED_TABLE=gtable is not None, NEED_X=gx is not None,
+            BLOCK=BLOCK, num_warps=4, **_NO_FMA)
 
 
 class _HashEncode(torch.autograd.Function):
