@@ -20,6 +20,8 @@ import vtk
 
 import slicer
 
+from . import protocol
+
 log = logging.getLogger("DRGS4D.scene")
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -355,7 +357,7 @@ class SceneUpdater:
     def _new_node(self, class_name: str, name: str, role: str):
         node = self.scene.AddNewNodeByClass(class_name, self.scene.GenerateUniqueName(name))
         if node is None:
-            raise RuntimeError(f"the scene cannot create {class_name}")
+            raise RuntimeError(protocol.tr("the scene cannot create {node_class}", node_class=class_name))
         self._adopt(node, role)
         self.nodes[role] = node
         return node
