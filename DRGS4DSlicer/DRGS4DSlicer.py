@@ -557,7 +557,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._canRunEngine():
             return
         try:
-            command = self.logic.startDemoPhantom(self._parameterNode)
+            command = self.logic.startDemoPhantom(self._params())  # also before the panel was entered
         except inputs.InputProblem as exc:
             self.ui.statusLabel.text = str(exc)
             return

@@ -276,13 +276,18 @@ def test_the_rules_reject_what_slicer_rejects(monkeypatch, scene, tmp_path, vers
 
 # ---- background checks and main-thread time ----------------------------------------------------------------------
 
+WAIT_LIMIT_S = 2.0  # wall-clock bound of one call: catches a handler that waits (for a process, a thread) idly
+
+
 def _tick_until(widget, done, timeout=120.0):
-    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s)."""
+    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s).  No tick may wait
+    either (wall clock)."""
     durations, deadline = [], time.monotonic() + timeout
     while not done():
-        t0 = time.thread_time()  # CPU time of this (the main) thread: stable on a busy machine
+        t0, w0 = time.thread_time(), time.perf_counter()  # CPU time of this (the main) thread: stable when busy
         widget.onPollWorker()
         durations.append(time.thread_time() - t0)
+        assert time.perf_counter() - w0 < WAIT_LIMIT_S
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return durations
@@ -449,8 +454,10 @@ def test_engine_choice_shows_the_server_settings_from_the_application_settings(m
 # ---- nothing slow in the main thread: scene-volume export, demo phantom -----------------------------------------
 
 def _main_thread_time(call):
-    t0 = time.thread_time()
+    """Main-thread CPU time of ``call()`` (s); it must not wait idly either."""
+    t0, w0 = time.thread_time(), time.perf_counter()
     call()
+    assert time.perf_counter() - w0 < WAIT_LIMIT_S, "the handler waited"
     return time.thread_time() - t0
 
 
