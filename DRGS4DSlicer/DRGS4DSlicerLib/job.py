@@ -25,7 +25,8 @@ REQUEST_FILE = "drgs4d_request.json"
 CHECKPOINT_FILE = "checkpoint.pt"  # where drgs_core.pipeline keeps the training state of a run
 
 # ReconstructConfig fields the panel may set (the engine rejects unknown keys).
-REQUEST_KEYS = ("case", "fill", "mask", "geometry", "dicom", "fill_uid", "mask_uid", "out", "views", "schedule", "iterations", "device", "seed",
+REQUEST_KEYS = ("case", "fill", "mask", "geometry", "dicom", "fill_uid", "mask_uid", "out", "views", "schedule",
+                "iterations", "device", "seed",
                 "snapshot_every", "checkpoint_every", "resume", "static_field", "iso_level", "preset",
                 "n_gaussians", "init_threshold", "log2_table_size", "times_4d", "cine_frame", "progress_every",
                 "densify_until", "detector_binning")

@@ -216,7 +216,7 @@ class WorkerProcess:
     # -- start --
     def start(self) -> "WorkerProcess":
         if self.proc is not None:
-            raise RuntimeError("worker already started")
+            raise RuntimeError(protocol.tr("worker already started"))
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
                       cwd=self.cwd, bufsize=0)
         if IS_WINDOWS:

@@ -305,7 +305,7 @@ class RemoteJob:
     # -- life cycle --
     def start(self) -> "RemoteJob":
         if self._thread is not None:
-            raise RuntimeError("remote job already started")
+            raise RuntimeError(protocol.tr("remote job already started"))
         self._thread = threading.Thread(target=self._run, name="drgs-remote", daemon=True)
         self._thread.start()
         return self

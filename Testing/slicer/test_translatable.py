@@ -22,7 +22,7 @@ EXEMPT_CALLS = {"_new_node", "_browse", "delayDisplay", "getLogger"}
 DEVELOPER_ERRORS = {"ValueError", "KeyError", "TypeError", "FileNotFoundError", "ProtocolError", "TimeoutError",
                     "AssertionError", "NotImplementedError"}
 SHOWN_CALLS = {"errorDisplay", "infoDisplay", "confirmOkCancelDisplay", "showStatusMessage", "InputProblem",
-               "DependencyError", "RemoteError", "status", "ask", "addItem"}
+               "DependencyError", "RemoteError", "RuntimeError", "status", "ask", "addItem"}
 
 
 def _name(func) -> str:
