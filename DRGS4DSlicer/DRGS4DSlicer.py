@@ -67,8 +67,8 @@ def engineRunsInThisPython() -> bool:
 
 def pythonTooOldMessage() -> str:
     return _("This Slicer runs Python {version}; the DRGS4D engine needs Python {required} or later. Use Slicer 5.10 "
-             "or later, or choose an external Python environment (Python {required}+, with drgs_core installed) "
-             "under Advanced.").format(version=sys.version.split()[0],
+             "or later, choose an external Python environment (Python {required}+, with drgs_core installed) under "
+             "Advanced, or run on a remote DRGS4D server (Engine: remote server).").format(version=sys.version.split()[0],
                                        required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
 
 
@@ -543,8 +543,9 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onExported(self, event: dict) -> None:
         (after, label), self._afterExport = self._afterExport, None
         if event.get("event") != "result":
-            label.text = _("The scene volumes could not be written for the worker: {reason}").format(
-                reason=event.get("message"))
+            label.text = _("The scene volumes could not be written for the worker: {reason}. What to do: check that "
+                           "the output folder has free space and can be written, or save the volumes to files and "
+                           "choose them under 'files'.").format(reason=event.get("message"))
             return
         after(event["result"])
 

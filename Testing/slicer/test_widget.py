@@ -222,6 +222,10 @@ def test_a_python_too_old_for_the_engine_gets_a_plain_message(monkeypatch, scene
     widget.onApplyButton()
     assert widget._job is None
     assert "needs Python 99.0" in module._record.named("errorDisplay")[0][1][0]
+    assert "remote DRGS4D server" in widget.ui.statusLabel.text
+    p.engine = "remote server"  # the remote engine needs no local engine: the panel goes on to the server settings
+    widget.onApplyButton()
+    assert "URL and token" in module._record.named("errorDisplay")[1][1][0]
     widget.cleanup()
 
 
