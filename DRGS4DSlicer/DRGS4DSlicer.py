@@ -68,8 +68,8 @@ def engineRunsInThisPython() -> bool:
 def pythonTooOldMessage() -> str:
     return _("This Slicer runs Python {version}; the DRGS4D engine needs Python {required} or later. Use Slicer 5.10 "
              "or later, choose an external Python environment (Python {required}+, with drgs_core installed) under "
-             "Advanced, or run on a remote DRGS4D server (Engine: remote server).").format(version=sys.version.split()[0],
-                                       required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
+             "Advanced, or run on a remote DRGS4D server (Engine: remote server).").format(
+        version=sys.version.split()[0], required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
 
 
 #
@@ -314,9 +314,13 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if (self._probe is None and self._task is None and self._parameterNode.engine == "local"
+        self._probeOnce()
+
+    def _probeOnce(self) -> None:
+        """Fill the device list in the background, once (entering the module, or after a task that displaced it)."""
+        if (self._probe is None and self._task is None and self._params().engine == "local"
                 and self._canRunEngine(quiet=True)):
-            self.onCheckPython()  # fills the device list in the background
+            self.onCheckPython()
 
     def exit(self) -> None:
         # disconnect and forget the node, so that the next enter() connects it once again (and removes nothing twice)
@@ -552,7 +556,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- demo phantom (SampleData) --
     def onMakeDemoPhantom(self) -> None:
         """The worker writes the tiny demo phantom in the background; the panel then points at it."""
-        if self._task is not None or (self._job is not None and (self._job.running or self._job.loading)):
+        busy = self._job is not None and (self._job.running or self._job.loading)
+        if busy or (self._task is not None and self._task[0] in BLOCKING_TASKS):  # a check (the probe) gives way
             self.ui.statusLabel.text = _("The DRGS4D panel is busy: load the demo phantom again when it is done.")
             return
         if not self._canRunEngine():
@@ -576,6 +581,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.preset = "tiny"
         self.ui.statusLabel.text = _("The demo phantom is ready in {folder}: press Reconstruct.").format(
             folder=event["case"])
+        self._probeOnce()  # the probe that entering the module started gave way to the phantom
 
     def onCheckPython(self) -> None:
         if self._task is not None or not self._canRunEngine():

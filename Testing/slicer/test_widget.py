@@ -555,9 +555,11 @@ def test_sample_data_makes_the_demo_phantom_in_the_background(monkeypatch, scene
     representation = types.SimpleNamespace(self=lambda: widget)  # qSlicerScriptedLoadableModuleWidget.self()
     monkeypatch.setattr(slicer.modules, "drgs4dslicer",
                         types.SimpleNamespace(widgetRepresentation=lambda: representation), raising=False)
+    selected = []
+    monkeypatch.setattr(slicer.util, "selectModule", lambda name: selected.append(name) or widget.enter())
     nodes = []
     assert _main_thread_time(lambda: nodes.append(module.makeDemoPhantom(None))) < 0.1
-    assert nodes == [[]] and module._record.named("selectModule")[0][1] == ("DRGS4DSlicer",)
+    assert nodes == [[]] and selected == ["DRGS4DSlicer"]  # entering the module started the probe: it gave way
     assert widget._task[0] == "phantom" and "background" in widget.ui.statusLabel.text
     assert not widget.ui.inputsCollapsibleButton.enabled and not widget.ui.applyButton.enabled
     module.makeDemoPhantom(None)  # a second request while the first runs is refused, not stacked
@@ -568,4 +570,5 @@ def test_sample_data_makes_the_demo_phantom_in_the_background(monkeypatch, scene
     assert p.inputMode == "case folder" and p.preset == "tiny", widget.ui.statusLabel.text
     assert (pathlib.Path(p.caseFolder) / "transforms.json").is_file() and "ready" in widget.ui.statusLabel.text
     assert widget.ui.applyButton.enabled and widget.ui.inputsCollapsibleButton.enabled
+    assert widget._probe is not None and widget._probe["event"] == "probe"  # the device list was filled after all
     widget.cleanup()
