@@ -67,9 +67,9 @@ def engineRunsInThisPython() -> bool:
 
 def pythonTooOldMessage() -> str:
     return _("This Slicer runs Python {version}; the DRGS4D engine needs Python {required} or later. Use Slicer 5.10 "
-             "or later, or choose an external Python environment (Python {required}+, with drgs_core installed) "
-             "under Advanced.").format(version=sys.version.split()[0],
-                                       required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
+             "or later, choose an external Python environment (Python {required}+, with drgs_core installed) under "
+             "Advanced, or run on a remote DRGS4D server (Engine: remote server).").format(
+        version=sys.version.split()[0], required=".".join(str(v) for v in ENGINE_MIN_PYTHON))
 
 
 #
@@ -118,25 +118,11 @@ def registerSampleData():
 
 
 def makeDemoPhantom(source=None):
-    """SampleData downloader: the worker writes the tiny demo phantom into Slicer's temporary folder (a few seconds,
-    like a small download), then the panel is pointed at it."""
-    from DRGS4DSlicerLib import selftest
-
-    if not engineRunsInThisPython():
-        slicer.util.errorDisplay(pythonTooOldMessage(), windowTitle=_("DRGS4D"))
-        return []
-    folder = os.path.join(slicer.app.temporaryPath, "DRGS4D-demo-phantom")
-    with slicer.util.WaitCursor():
-        event = process.run_worker_command(selftest.phantom_command(folder), timeout=300)
-    if event.get("event") != "phantom":
-        slicer.util.errorDisplay(event.get("message") or _("The demo phantom could not be made."),
-                                 windowTitle=_("DRGS4D"))
-        return []
-    parameterNode = DRGS4DSlicerLogic().getParameterNode()
-    parameterNode.inputMode = "case folder"
-    parameterNode.caseFolder = pathlib.Path(event["case"])
-    parameterNode.preset = "tiny"
+    """SampleData downloader: shows the DRGS4D panel, whose worker writes the tiny demo phantom into Slicer's
+    temporary folder in the background (a few seconds, like a small download); the panel then points at it.
+    Returns no nodes: the phantom is a case folder for the panel, not a scene volume."""
     slicer.util.selectModule("DRGS4DSlicer")
+    slicer.modules.drgs4dslicer.widgetRepresentation().self().onMakeDemoPhantom()
     return []
 
 
@@ -200,6 +186,10 @@ def _path(value) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
+# Background tasks during which the inputs must not change (their result is applied to them).
+BLOCKING_TASKS = ("export", "phantom")
+
+
 class ListingTask:
     """A ``dicom_runs.DicomRunLister`` (a worker process) as a background task of the panel: ``poll()`` gives None
     while it runs, then ``{"event": "dicom_listing", "listing"}`` or an ``error`` event."""
@@ -257,7 +247,9 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._task = None  # (kind, task with poll()/cancel()): --describe, --probe, DICOM listing, connection test
+        self._task = None  # (kind, task with poll()/cancel()): --describe, --probe, DICOM listing, connection test,
+        # scene-volume export, demo phantom
+        self._afterExport = None  # what to do with the written files once an "export" task ends
         self._dicomListing = None  # dicom_runs.RunListing of the last listing
         self._installing = False
         self._probe = None  # the last probe event
@@ -322,15 +314,22 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if (self._probe is None and self._task is None and self._parameterNode.engine == "local"
+        self._probeOnce()
+
+    def _probeOnce(self) -> None:
+        """Fill the device list in the background, once (entering the module, or after a task that displaced it)."""
+        if (self._probe is None and self._task is None and self._params().engine == "local"
                 and self._canRunEngine(quiet=True)):
-            self.onCheckPython()  # fills the device list in the background
+            self.onCheckPython()
 
     def exit(self) -> None:
         # disconnect and forget the node, so that the next enter() connects it once again (and removes nothing twice)
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._task is not None and self._task[0] == "export":  # its volumes are gone: do not start with them
+            self._task[1].cancel()
+            self._task, self._afterExport = None, None
         if self._job is not None and self._job.running:
             self._job.scene_updates = False
             self._job.cancel()
@@ -466,7 +465,8 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self) -> None:
         p = self._parameterNode
         running = self._job is not None and self._job.running
-        busy = running or self._installing or (self._job is not None and self._job.loading)
+        blocking = self._task is not None and self._task[0] in BLOCKING_TASKS
+        busy = running or self._installing or blocking or (self._job is not None and self._job.loading)
         checking = self._task is not None
         if running:
             self.ui.applyButton.text = _("Cancel")
@@ -504,6 +504,9 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- background checks --
     def _startTask(self, kind: str, command) -> None:
+        if self._task is not None:  # a check still running (e.g. the probe) when Reconstruct needs the slot
+            log.info("stopping the background %s to start %s", self._task[0], kind)
+            self._task[1].cancel()
         self._task = (kind, command)
         self._timer.start()
         self._updateButtons()
@@ -512,8 +515,14 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if self._task is not None or not self._canRunEngine():
             return
+        if p.inputMode == "scene volumes":  # the worker reads files: write the volumes first, in the background
+            self._exportThen(self.logic.inputsFolder(), self._describe, self.ui.inputSummaryLabel)
+        else:
+            self._describe()
+
+    def _describe(self, exported=None) -> None:
         try:
-            command = self.logic.startDescribe(p, self._dicomChoice())
+            command = self.logic.startDescribe(self._params(), self._dicomChoice(), exported)
         except inputs.InputProblem as exc:
             self.ui.inputSummaryLabel.text = str(exc)
             return
@@ -523,6 +532,56 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.inputSummaryLabel.text = _("Reading the inputs in the background...")
         self._startTask("describe", command)
+
+    def _exportThen(self, folder, after, label) -> None:
+        """Write the chosen scene volumes into ``folder`` in a background thread, then call ``after(paths)``."""
+        try:
+            task = self.logic.startVolumeExport(self._parameterNode, folder)
+        except inputs.InputProblem as exc:
+            label.text = str(exc)
+            return
+        self._afterExport = (after, label)
+        label.text = _("Writing the scene volumes for the worker in the background...")
+        self._startTask("export", task)
+
+    def _onExported(self, event: dict) -> None:
+        (after, label), self._afterExport = self._afterExport, None
+        if event.get("event") != "result":
+            label.text = _("The scene volumes could not be written for the worker: {reason}. What to do: check that "
+                           "the output folder has free space and can be written, or save the volumes to files and "
+                           "choose them under 'files'.").format(reason=event.get("message"))
+            return
+        after(event["result"])
+
+    # -- demo phantom (SampleData) --
+    def onMakeDemoPhantom(self) -> None:
+        """The worker writes the tiny demo phantom in the background; the panel then points at it."""
+        busy = self._job is not None and (self._job.running or self._job.loading)
+        if busy or (self._task is not None and self._task[0] in BLOCKING_TASKS):  # a check (the probe) gives way
+            self.ui.statusLabel.text = _("The DRGS4D panel is busy: load the demo phantom again when it is done.")
+            return
+        if not self._canRunEngine():
+            return
+        try:
+            command = self.logic.startDemoPhantom(self._params())  # also before the panel was entered
+        except inputs.InputProblem as exc:
+            self.ui.statusLabel.text = str(exc)
+            return
+        self.ui.statusLabel.text = _("Making the demo phantom in the background (a few seconds)...")
+        self._startTask("phantom", command)
+
+    def _onPhantomMade(self, event: dict) -> None:
+        if event.get("event") != "phantom":
+            self.ui.statusLabel.text = _("The demo phantom could not be made: {reason}").format(
+                reason=event.get("message") or _("no answer from the worker"))
+            return
+        p = self._params()
+        p.inputMode = "case folder"
+        p.caseFolder = pathlib.Path(event["case"])
+        p.preset = "tiny"
+        self.ui.statusLabel.text = _("The demo phantom is ready in {folder}: press Reconstruct.").format(
+            folder=event["case"])
+        self._probeOnce()  # the probe that entering the module started gave way to the phantom
 
     def onCheckPython(self) -> None:
         if self._task is not None or not self._canRunEngine():
@@ -537,7 +596,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onTaskDone(self, kind: str, event: dict) -> None:
         handlers = {"describe": self._onDescribed, "probe": self._onProbed, "dicom": self._onDicomListed,
-                    "connection": self._onConnectionChecked}
+                    "connection": self._onConnectionChecked, "export": self._onExported, "phantom": self._onPhantomMade}
         handlers[kind](event)
 
     # -- DICOM input --
@@ -549,8 +608,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             if not p.useExternalPython:
                 self._ensureDependencies()  # the worker reads DICOM with pydicom
-            files = self.logic.databaseXAFiles() if p.dicomUseDatabase else []
-            lister = self.logic.startDicomListing(p, files)
+            lister = self.logic.startDicomListing(p, getattr(slicer, "dicomDatabase", None))
         except (inputs.InputProblem, deps.DependencyError) as exc:
             self.ui.dicomSummaryLabel.text = str(exc)
             return
@@ -704,16 +762,34 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._ensureDependencies()
             if not local:
                 self._saveRemoteSettings()
+            if not resume and p.inputMode == "scene volumes":  # the worker reads files: write the volumes first
+                runDir = self.logic.newRunDir(p)
+                self._exportThen(runDir / "inputs", lambda paths: self._launch(False, runDir, paths),
+                                 self.ui.statusLabel)
+                return
+        except Exception as exc:  # noqa: BLE001
+            self._showStartError(exc)
+            return
+        self._launch(resume)
+
+    @staticmethod
+    def _showStartError(exc) -> None:
+        if isinstance(exc, (inputs.InputProblem, deps.DependencyError)):
+            slicer.util.errorDisplay(str(exc), windowTitle=_("DRGS4D"))
+        else:
+            slicer.util.errorDisplay(_("The reconstruction could not be started: {reason}").format(
+                reason=inputs.readable_error(exc)), windowTitle=_("DRGS4D"), detailedText=traceback.format_exc())
+
+    def _launch(self, resume: bool, runDir=None, exported=None) -> None:
+        p = self._params()
+        try:
             if resume:
                 job = self.logic.resumeReconstruction(p)
             else:
-                job = self.logic.startReconstruction(p, dicomChoice=self._dicomChoice())
-        except (inputs.InputProblem, deps.DependencyError) as exc:
-            slicer.util.errorDisplay(str(exc), windowTitle=_("DRGS4D"))
-            return
+                job = self.logic.startReconstruction(p, dicomChoice=self._dicomChoice(), runDir=runDir,
+                                                     exported=exported)
         except Exception as exc:  # noqa: BLE001
-            slicer.util.errorDisplay(_("The reconstruction could not be started: {reason}").format(
-                reason=inputs.readable_error(exc)), windowTitle=_("DRGS4D"), detailedText=traceback.format_exc())
+            self._showStartError(exc)
             return
         job.updater.on_preview_volume = self._onPreviewVolume
         job.on_event = self._onJobEvent
@@ -927,30 +1003,45 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
             raise inputs.InputProblem(_("The server URL is not valid: {reason}").format(reason=exc)) from None
 
     # -- DICOM --
-    @staticmethod
-    def databaseXAFiles() -> list:
-        """Files of the XA series in Slicer's DICOM database (none when there is no open database)."""
-        db = getattr(slicer, "dicomDatabase", None)
-        if db is None or not getattr(db, "isOpen", True):
-            return []
-        return dicom_runs.xa_files_from_database(db)
-
-    def startDicomListing(self, p, databaseFiles=()) -> dicom_runs.DicomRunLister:
-        """``--list-dicom`` of the database files and the chosen folder in a background worker (poll the result)."""
-        python, external = self._chosenPython(p)
-        paths = list(databaseFiles)
-        if p.dicomUseDatabase and not paths and not _path(p.dicomFolder):
-            raise inputs.InputProblem(_("The DICOM database holds no XA series: import the angiography runs with the "
-                                        "DICOM module, or choose a folder of DICOM files."))
-        if _path(p.dicomFolder):
-            paths.append(_path(p.dicomFolder))
-        if not paths:
-            raise inputs.InputProblem(_("Choose a folder of DICOM files, or search the Slicer DICOM database."))
+    def inputsFolder(self) -> pathlib.Path:
+        """Where the checks write what the worker reads (request files, exported volumes, path lists)."""
         folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
         folder.mkdir(parents=True, exist_ok=True)
-        env = process.worker_environment(external=external, engine=process.engine_root())
-        return dicom_runs.DicomRunLister(paths, python=python if external else None, env=env,
-                                         folder=str(folder)).start()
+        return folder
+
+    def startDicomListing(self, p, database=None) -> dicom_runs.DicomRunLister:
+        """``--list-dicom`` of the chosen folder and/or the XA series of ``database`` (Slicer's ctkDICOMDatabase)
+        in the background: the database's file is queried in a thread, the files are read by a worker."""
+        python, external = self._chosenPython(p)
+        location = dicom_runs.database_location(database) if p.dicomUseDatabase else None
+        folder = _path(p.dicomFolder)
+        if p.dicomUseDatabase and location is None and not folder:
+            raise inputs.InputProblem(_("No DICOM database is open: import the angiography runs with the DICOM "
+                                        "module, or choose a folder of DICOM files."))
+        if location is None and not folder:
+            raise inputs.InputProblem(_("Choose a folder of DICOM files, or search the Slicer DICOM database."))
+        return dicom_runs.DicomRunLister([folder] if folder else [], database=location, python=python,
+                                         external=external, folder=str(self.inputsFolder())).start()
+
+    # -- scene volumes, demo phantom --
+    @staticmethod
+    def startVolumeExport(p, folder) -> "ThreadTask":
+        """The chosen fill and mask volumes -> ``folder/{fill,mask}_run.nrrd``, written in a background thread (only
+        their voxel arrays are taken here, without copying); the result is ``{"fill": path, "mask": path}``."""
+        if p.fillVolume is None or p.maskVolume is None:
+            raise inputs.InputProblem(_("Choose the fill and the mask volume."))
+        folder = pathlib.Path(folder)
+        targets = {"fill": (inputs.snapshot_volume_node(p.fillVolume, _("fill run")), folder / "fill_run.nrrd"),
+                   "mask": (inputs.snapshot_volume_node(p.maskVolume, _("mask run")), folder / "mask_run.nrrd")}
+        return ThreadTask(inputs.write_volume_snapshots, targets)
+
+    def startDemoPhantom(self, p) -> process.WorkerCommand:
+        """The worker writes the tiny demo phantom into Slicer's temporary folder (poll for a ``phantom`` event)."""
+        from DRGS4DSlicerLib import selftest
+
+        python, external = self._chosenPython(p)
+        folder = os.path.join(slicer.app.temporaryPath, "DRGS4D-demo-phantom")
+        return process.WorkerCommand(selftest.phantom_command(folder), python=python, external=external, timeout=300)
 
     # -- inputs --
     @staticmethod
@@ -967,47 +1058,50 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         return "case"
 
     @staticmethod
-    def inputRequest(p, exportFolder, dicomChoice=None) -> dict:
-        """The input fields of a request; scene volumes are exported to NRRD files in ``exportFolder``.
-        ``dicomChoice``: (RunListing, mask run id, fill run id) in the DICOM mode."""
+    def inputRequest(p, folder, dicomChoice=None, exported=None) -> dict:
+        """The input fields of a request.  ``dicomChoice``: (RunListing, mask run id, fill run id) in the DICOM mode
+        (several DICOM sources are listed in a file in ``folder``); ``exported``: the files of the scene volumes
+        (``startVolumeExport``) in the scene-volumes mode."""
         if p.inputMode == "DICOM":
             if dicomChoice is None:
                 raise inputs.InputProblem(_("List the rotational runs and choose a mask and a fill run that pair."))
             listing, maskId, fillId = dicomChoice
-            request = listing.request(maskId, fillId, out="")
+            request = listing.request(maskId, fillId, out="", folder=folder)
             return {key: request[key] for key in ("dicom", "fill_uid", "mask_uid")}
         if p.inputMode == "case folder":
             return inputs.input_request(case=_path(p.caseFolder))
         if p.inputMode == "files":
             return inputs.input_request(fill=_path(p.fillFile), mask=_path(p.maskFile), geometry=_path(p.geometryFile))
-        if p.fillVolume is None or p.maskVolume is None:
+        if exported is None:
             raise inputs.InputProblem(_("Choose the fill and the mask volume."))
-        fill = inputs.export_volume_node(p.fillVolume, exportFolder, "fill_run")
-        mask = inputs.export_volume_node(p.maskVolume, exportFolder, "mask_run")
-        return inputs.input_request(fill=fill, mask=mask, geometry=_path(p.geometryFile))
+        return inputs.input_request(fill=exported["fill"], mask=exported["mask"], geometry=_path(p.geometryFile))
 
-    def startDescribe(self, p, dicomChoice=None) -> process.WorkerCommand:
-        """``--describe`` of the chosen inputs in the background (scene volumes are exported first)."""
+    def startDescribe(self, p, dicomChoice=None, exported=None) -> process.WorkerCommand:
+        """``--describe`` of the chosen inputs in the background (scene volumes: of their ``exported`` files)."""
         python, external = self._chosenPython(p)
-        folder = pathlib.Path(slicer.app.temporaryPath) / "DRGS4D-inputs"
-        request = self.inputRequest(p, folder, dicomChoice)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.inputsFolder()
+        request = self.inputRequest(p, folder, dicomChoice, exported)
         path = folder / "describe_request.json"
         path.write_text(json.dumps(request), encoding="utf-8")
         return process.WorkerCommand(["--describe", str(path)], python=python, external=external, timeout=300)
 
     # -- runs --
-    def startReconstruction(self, p, onPreviewVolume=None, dicomChoice=None) -> ReconstructionJob:
-        """Start a run of the panel's inputs and settings, locally or on the remote server (``p.engine``)."""
+    def newRunDir(self, p, dicomChoice=None) -> pathlib.Path:
+        """A new run folder under the output folder, named for the case."""
+        return new_run_dir(_path(p.outputFolder) or self.defaultOutputFolder(), self.caseName(p, dicomChoice))
+
+    def startReconstruction(self, p, onPreviewVolume=None, dicomChoice=None, runDir=None,
+                            exported=None) -> ReconstructionJob:
+        """Start a run of the panel's inputs and settings, locally or on the remote server (``p.engine``).
+        Scene volumes must be written first (``startVolumeExport`` into ``runDir/inputs``; ``exported``)."""
         if p.engine == "remote server" and p.inputMode == "DICOM":
             raise inputs.InputProblem(_("The remote server cannot read DICOM files from this computer. Import the runs "
                                         "into a case folder first (drgs4d import-dicom) and choose it as the input, or "
                                         "run with the local engine."))
-        outputRoot = _path(p.outputFolder) or self.defaultOutputFolder()
         name = self.caseName(p, dicomChoice)
-        runDir = new_run_dir(outputRoot, name)
+        runDir = pathlib.Path(runDir) if runDir is not None else self.newRunDir(p, dicomChoice)
         request = make_request(
-            **self.inputRequest(p, runDir / "inputs", dicomChoice),
+            **self.inputRequest(p, runDir / "inputs", dicomChoice, exported),
             out=str(runDir), views=int(p.views), schedule=p.schedule, iterations=int(p.iterations), device=p.device,
             seed=int(p.seed), snapshot_every=int(p.previewInterval), static_field=bool(p.staticField),
             preset=None if p.preset == "none" else p.preset,

@@ -16,6 +16,8 @@ import importlib.util
 import logging
 import re
 
+from .protocol import tr
+
 log = logging.getLogger("DRGS4D.deps")
 
 # The engine's runtime requirements (setup.py install_requires) apart from torch, which is handled separately.
@@ -146,18 +148,20 @@ class Installer:
             return True
         items = list(missing)
         if need_torch:
-            how = ("through the PyTorch Utils extension" if self.pytorch_utils is not None
-                   else "from the Python Package Index (install the PyTorch extension from the Extensions Manager "
-                        "first for a build that matches your GPU)")
-            items.insert(0, f"{TORCH_REQUIREMENT} ({how})")
-        text = ("DRGS4D needs these Python packages in Slicer's Python environment:\n\n  "
-                + "\n  ".join(items)
-                + "\n\nThey are downloaded and installed now (this can take several minutes; PyTorch is large). "
-                  "Install them?")
-        if not self.ask("DRGS4D: install Python packages", text):
-            raise DependencyError("The required Python packages were not installed. Reconstruction needs them; "
-                                  "alternatively choose an external Python environment that has drgs_core "
-                                  "installed (Advanced settings).")
+            if self.pytorch_utils is not None:
+                items.insert(0, tr("{requirement} (through the PyTorch Utils extension)",
+                                   requirement=TORCH_REQUIREMENT))
+            else:
+                items.insert(0, tr("{requirement} (from the Python Package Index: install the PyTorch extension from "
+                                   "the Extensions Manager first for a build that matches your GPU)",
+                                   requirement=TORCH_REQUIREMENT))
+        text = tr("DRGS4D needs these Python packages in Slicer's Python environment:\n\n  {packages}\n\nThey are "
+                  "downloaded and installed now (this can take several minutes; PyTorch is large). Install them?",
+                  packages="\n  ".join(items))
+        if not self.ask(tr("DRGS4D: install Python packages"), text):
+            raise DependencyError(tr("The required Python packages were not installed. Reconstruction needs them; "
+                                     "alternatively choose an external Python environment that has drgs_core "
+                                     "installed (Advanced settings)."))
         if need_torch:
             self.install_torch()
         if missing:
@@ -165,28 +169,38 @@ class Installer:
         importlib.invalidate_caches()
         still = self.plan(include_torch, requirements)
         if still[0] or still[1]:
-            raise DependencyError("Installation finished but these are still missing: "
-                                  + ", ".join(still[0] + ([TORCH_REQUIREMENT] if still[1] else []))
-                                  + ". Restart Slicer and try again.")
+            raise DependencyError(tr("Installation finished but these are still missing: {packages}. Restart Slicer "
+                                     "and try again.",
+                                     packages=", ".join(still[0] + ([TORCH_REQUIREMENT] if still[1] else []))))
         return True
 
     def install_torch(self) -> None:
+        """PyTorch through PyTorch Utils (``PyTorchUtilsLogic.installTorch``, which lets light-the-torch pick the build
+        for the GPU driver; Testing/slicer/slicer_standins.py states what the panel relies on), else with pip."""
         utils = self.pytorch_utils
-        if utils is not None:
-            self.status("Installing PyTorch through the PyTorch Utils extension...")
-            logic = utils.PyTorchUtilsLogic()
-            if logic.torchInstalled():
-                return
-            torch = logic.installTorch(askConfirmation=False, torchVersionRequirement=_split(TORCH_REQUIREMENT)[1])
-            if torch is None:
-                raise DependencyError("PyTorch could not be installed through the PyTorch Utils extension. "
-                                      "Install it from the PyTorch Utils module, then try again.")
+        if utils is None:
+            self.status(tr("Installing PyTorch with pip..."))
+            self.pip_install([TORCH_REQUIREMENT])
             return
-        self.status("Installing PyTorch with pip...")
-        self.pip_install([TORCH_REQUIREMENT])
+        self.status(tr("Installing PyTorch through the PyTorch Utils extension..."))
+        logic = utils.PyTorchUtilsLogic()
+        try:
+            if logic.torchInstalled():  # installed, yet our check found it missing: older than the requirement
+                raise DependencyError(tr(
+                    "The installed PyTorch is older than DRGS4D needs ({requirement}). Open the PyTorch Utils module, "
+                    "uninstall PyTorch, restart Slicer and install it again.", requirement=TORCH_REQUIREMENT))
+            torch = logic.installTorch(askConfirmation=False, torchVersionRequirement=_split(TORCH_REQUIREMENT)[1])
+        except DependencyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pip / light-the-torch failures, a broken torch import
+            raise DependencyError(tr("PyTorch could not be installed through the PyTorch Utils extension: {reason}. "
+                                     "Install it from the PyTorch Utils module, then try again.", reason=exc)) from exc
+        if torch is None:  # only when PyTorch Utils asked and the user declined; kept as a safeguard
+            raise DependencyError(tr("PyTorch was not installed. Install it from the PyTorch Utils module, then try "
+                                     "again."))
 
     def pip_install(self, requirements: list[str]) -> None:
-        self.status("Installing " + ", ".join(requirements) + " ...")
+        self.status(tr("Installing {packages}...", packages=", ".join(requirements)))
         packaging = self.packaging
         try:
             if packaging is not None:
@@ -200,8 +214,10 @@ class Installer:
             elif self.util is not None and hasattr(self.util, "pip_install"):
                 self.util.pip_install(list(requirements))  # a list: each item is passed to pip as one argument
             else:  # pragma: no cover - outside Slicer
-                raise DependencyError("No installer available: run 'pip install " + " ".join(requirements) + "'.")
+                raise DependencyError(tr("No installer available: run 'pip install {packages}'.",
+                                         packages=" ".join(requirements)))
         except DependencyError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise DependencyError(f"Installing {', '.join(requirements)} failed: {exc}") from exc
+            raise DependencyError(tr("Installing {packages} failed: {reason}", packages=", ".join(requirements),
+                                     reason=exc)) from exc

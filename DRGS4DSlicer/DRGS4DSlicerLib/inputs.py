@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from . import process
+from .protocol import tr
 
 log = logging.getLogger("DRGS4D.inputs")
 
@@ -29,14 +30,15 @@ def readable_error(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, FileNotFoundError):
         name = exc.filename or str(exc)
-        return f"File not found: {name}. What to do: check the path, or choose the file again."
+        return tr("File not found: {name}. What to do: check the path, or choose the file again.", name=name)
     if isinstance(exc, PermissionError):
-        return f"Permission denied: {exc.filename or exc}. What to do: choose a file or folder you can read/write."
+        return tr("Permission denied: {name}. What to do: choose a file or folder you can read/write.",
+                  name=exc.filename or exc)
     if isinstance(exc, ImportError):
-        return (f"A Python package is missing: {exc.name or exc}. What to do: press Reconstruct once to install the "
-                "engine's dependencies, or choose an external Python environment that has them.")
+        return tr("A Python package is missing: {name}. What to do: press Reconstruct once to install the engine's "
+                  "dependencies, or choose an external Python environment that has them.", name=exc.name or exc)
     text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+    return tr("{error}: {message}", error=type(exc).__name__, message=text) if type(exc).__name__ not in text else text
 
 
 def input_request(case: str | None = None, fill: str | None = None, mask: str | None = None,
@@ -44,17 +46,18 @@ def input_request(case: str | None = None, fill: str | None = None, mask: str | 
     """The input part of a request; checks that a complete set of inputs is named."""
     if case:
         if not os.path.isdir(case):
-            raise InputProblem(f"The case folder does not exist: {case}. What to do: choose the folder that holds "
-                               "fill_run, mask_run and transforms.json.")
+            raise InputProblem(tr("The case folder does not exist: {folder}. What to do: choose the folder that holds "
+                                  "fill_run, mask_run and transforms.json.", folder=case))
         return {"case": os.fspath(case)}
-    missing = [name for name, value in (("fill run", fill), ("mask run", mask), ("geometry JSON", geometry))
-               if not value]
+    named = ((tr("fill run"), fill), (tr("mask run"), mask), (tr("geometry JSON"), geometry))
+    missing = [label for label, value in named if not value]
     if missing:
-        raise InputProblem("Inputs are incomplete: choose " + ", ".join(missing)
-                           + " (or a case folder instead).")
-    for label, value in (("fill run", fill), ("mask run", mask), ("geometry JSON", geometry)):
+        raise InputProblem(tr("Inputs are incomplete: choose {missing} (or a case folder instead).",
+                              missing=", ".join(missing)))
+    for label, value in named:
         if not os.path.isfile(value):
-            raise InputProblem(f"The {label} file does not exist: {value}. What to do: choose it again.")
+            raise InputProblem(tr("The {role} file does not exist: {path}. What to do: choose it again.", role=label,
+                                  path=value))
     return {"fill": os.fspath(fill), "mask": os.fspath(mask), "geometry": os.fspath(geometry)}
 
 
@@ -74,7 +77,7 @@ def describe_inputs(request: dict, python: str | None = None, external: bool = F
                                            timeout=timeout)
     if event.get("event") == "described":
         return event["case"]
-    raise InputProblem(event.get("message") or "The inputs could not be read.")
+    raise InputProblem(event.get("message") or tr("The inputs could not be read."))
 
 
 def format_summary(summary: dict) -> str:
@@ -86,56 +89,78 @@ def format_summary(summary: dict) -> str:
     dx, dy, dz = summary.get("volume_spacing_mm", [0, 0, 0])
     px, py, pz = summary.get("volume_size_mm", [0, 0, 0])
     lines = [
-        f"{summary.get('name', 'case')}: {summary.get('n_frames', '?')} frames",
-        f"Detector: {w} × {h} pixels at {sx:g} × {sy:g} mm",
-        f"Angles: {a0:.1f}° to {a1:.1f}° ({summary.get('angle_span_deg', 0.0):.1f}° arc)",
-        f"SAD {summary.get('sad_mm', 0):g} mm, SID {summary.get('sid_mm', 0):g} mm",
-        f"Volume grid: {nx} × {ny} × {nz} voxels of {dx:g} × {dy:g} × {dz:g} mm ({px:g} × {py:g} × {pz:g} mm)",
+        tr("{name}: {frames} frames", name=summary.get("name", "case"), frames=summary.get("n_frames", "?")),
+        tr("Detector: {columns} × {rows} pixels at {column_mm} × {row_mm} mm", columns=w, rows=h,
+           column_mm=f"{sx:g}", row_mm=f"{sy:g}"),
+        tr("Angles: {start}° to {end}° ({span}° arc)", start=f"{a0:.1f}", end=f"{a1:.1f}",
+           span=f"{summary.get('angle_span_deg', 0.0):.1f}"),
+        tr("SAD {sad} mm, SID {sid} mm", sad=f"{summary.get('sad_mm', 0):g}", sid=f"{summary.get('sid_mm', 0):g}"),
+        tr("Volume grid: {nx} × {ny} × {nz} voxels of {dx} × {dy} × {dz} mm ({sx} × {sy} × {sz} mm)",
+           nx=nx, ny=ny, nz=nz, dx=f"{dx:g}", dy=f"{dy:g}", dz=f"{dz:g}", sx=f"{px:g}", sy=f"{py:g}", sz=f"{pz:g}"),
     ]
     sec = summary.get("secondary_deg")
     if sec and (abs(sec[0]) > 1e-6 or abs(sec[1]) > 1e-6):
-        lines.insert(3, f"Secondary angles: {sec[0]:.1f}° to {sec[1]:.1f}°")
+        lines.insert(3, tr("Secondary angles: {start}° to {end}°", start=f"{sec[0]:.1f}", end=f"{sec[1]:.1f}"))
     return "\n".join(lines)
 
 
-def export_volume_node(node, folder: str | os.PathLike, name: str) -> str:
-    """Write a scalar volume node to ``folder/name.nrrd`` so that the worker can read it.
+class VolumeSnapshot:
+    """What writing a scene volume needs, taken in the main thread without copying: the voxel array [k, j, i] (a view
+    of the node's image), its IJK -> LPS matrix (mm) and the vtkImageData it views (kept alive while a background
+    thread writes it, even if the node gets new image data meanwhile)."""
 
-    The voxel array is written unchanged (a projection stack stays [N, H, W] = [k, j, i]); the file is LPS, as
-    Slicer always writes.  SimpleITK is used when the MRML storage node cannot write (e.g. missing image data).
-    """
+    def __init__(self, array, ijk_to_lps, image):
+        self.array, self.ijk_to_lps, self.image = array, ijk_to_lps, image
+
+
+def snapshot_volume_node(node, label: str) -> VolumeSnapshot:
+    """Main thread, no copy (a few microseconds): the voxels and geometry of a scalar volume node."""
     if node is None or node.GetImageData() is None:
-        raise InputProblem(f"The volume chosen for the {name} has no image data. What to do: load the run again.")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.nrrd"
+        raise InputProblem(tr("The volume chosen for the {role} has no image data. What to do: load the run again.",
+                              role=label))
     import slicer
 
-    scene = node.GetScene()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    if scene is not None:
-        scene.AddNode(storage)
-    try:
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(0)
-        ok = storage.WriteData(node)
-    finally:
-        if scene is not None:
-            scene.RemoveNode(storage)
-    if ok and path.is_file():
-        return str(path)
-    log.warning("MRML storage could not write %s; falling back to SimpleITK", path)
+    from .scene import LPS_TO_RAS, ijk_to_ras_of
+
+    image = node.GetImageData()
+    array = slicer.util.arrayFromVolume(node)
+    if array.ndim != 3:
+        raise InputProblem(tr("The volume chosen for the {role} has {count} components per voxel; a run is a stack of "
+                              "grey-value frames. What to do: choose the run's scalar volume.", role=label,
+                              count=array.shape[-1] if array.ndim == 4 else array.ndim))
+    return VolumeSnapshot(array, LPS_TO_RAS @ ijk_to_ras_of(node), image)  # diag(-1,-1,1) is its own inverse
+
+
+def write_volume_snapshot(snapshot: VolumeSnapshot, path) -> str:
+    """Write a snapshot to the NRRD file ``path`` (any thread: only numpy, SimpleITK and files; no MRML, no Qt).
+
+    The voxel array is written unchanged (a projection stack stays [N, H, W] = [k, j, i]), in LPS as Slicer writes
+    volumes, uncompressed, through a temporary file that replaces ``path`` once it is complete and reads back with
+    the right size.
+    """
     import numpy as np
     import SimpleITK as sitk
 
-    from .scene import ijk_to_ras_of, LPS_TO_RAS
-
-    array = slicer.util.arrayFromVolume(node)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    ijk_to_lps = LPS_TO_RAS @ ijk_to_ras_of(node)  # diag(-1,-1,1) is its own inverse
-    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
-    image.SetSpacing([float(s) for s in spacing])
-    image.SetOrigin([float(o) for o in ijk_to_lps[:3, 3]])
-    image.SetDirection([float(d) for d in (ijk_to_lps[:3, :3] / spacing).reshape(-1)])
-    sitk.WriteImage(image, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(snapshot.array))
+    matrix = np.asarray(snapshot.ijk_to_lps, dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in matrix[:3, 3]])
+    image.SetDirection([float(v) for v in (matrix[:3, :3] / spacing).reshape(-1)])
+    tmp = path.with_name(".partial-" + path.name)
+    sitk.WriteImage(image, str(tmp), False)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp))
+    reader.ReadImageInformation()
+    if tuple(reader.GetSize()) != tuple(reversed(snapshot.array.shape)):
+        tmp.unlink()
+        raise OSError(tr("{path} was not written completely.", path=path))
+    os.replace(tmp, path)
     return str(path)
+
+
+def write_volume_snapshots(targets: dict) -> dict:
+    """``{role: (snapshot, path)}`` -> ``{role: written path}`` (for a background thread)."""
+    return {role: write_volume_snapshot(snapshot, path) for role, (snapshot, path) in targets.items()}

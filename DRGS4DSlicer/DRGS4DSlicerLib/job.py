@@ -25,7 +25,8 @@ REQUEST_FILE = "drgs4d_request.json"
 CHECKPOINT_FILE = "checkpoint.pt"  # where drgs_core.pipeline keeps the training state of a run
 
 # ReconstructConfig fields the panel may set (the engine rejects unknown keys).
-REQUEST_KEYS = ("case", "fill", "mask", "geometry", "dicom", "fill_uid", "mask_uid", "out", "views", "schedule", "iterations", "device", "seed",
+REQUEST_KEYS = ("case", "fill", "mask", "geometry", "dicom", "fill_uid", "mask_uid", "out", "views", "schedule",
+                "iterations", "device", "seed",
                 "snapshot_every", "checkpoint_every", "resume", "static_field", "iso_level", "preset",
                 "n_gaussians", "init_threshold", "log2_table_size", "times_4d", "cine_frame", "progress_every",
                 "densify_until", "detector_binning")
@@ -212,7 +213,8 @@ class ReconstructionJob:
             except Exception as exc:  # noqa: BLE001 - a scene problem must not kill the polling loop
                 log.exception("could not apply %s event", name)
                 self.state.error = {"event": "error", "kind": "internal",
-                                    "message": f"Loading the {name} results into the scene failed: {exc}"}
+                                    "message": protocol.tr("Loading the {role} results into the scene failed: {reason}",
+                                                           role=name, reason=exc)}
                 if name == "done":
                     self.state.status = "failed"
             if self.on_event:
@@ -303,7 +305,8 @@ class ReconstructionJob:
             except Exception as exc:  # noqa: BLE001 - a broken file must not stop the other results
                 log.exception("could not read the %s results", step.role)
                 self.state.error = {"event": "error", "kind": "internal",
-                                    "message": f"Loading the {step.role} results into the scene failed: {exc}"}
+                                    "message": protocol.tr("Loading the {role} results into the scene failed: {reason}",
+                                                           role=step.role, reason=exc)}
                 data = None
                 step = None
             if step is not None:
@@ -332,7 +335,8 @@ class ReconstructionJob:
         except Exception as exc:  # noqa: BLE001
             log.exception("could not load the %s results", step.role)
             self.state.error = {"event": "error", "kind": "internal",
-                                "message": f"Loading the {step.role} results into the scene failed: {exc}"}
+                                "message": protocol.tr("Loading the {role} results into the scene failed: {reason}",
+                                                           role=step.role, reason=exc)}
 
     def wait(self, timeout: float = 600.0, interval: float = 0.1) -> JobState:
         """Poll until the worker has exited (tests and the in-Slicer self-test; the panel uses a QTimer)."""

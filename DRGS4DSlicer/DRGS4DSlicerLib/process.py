@@ -216,7 +216,7 @@ class WorkerProcess:
     # -- start --
     def start(self) -> "WorkerProcess":
         if self.proc is not None:
-            raise RuntimeError("worker already started")
+            raise RuntimeError(protocol.tr("worker already started"))
         kwargs = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
                       cwd=self.cwd, bufsize=0)
         if IS_WINDOWS:
@@ -354,8 +354,12 @@ class WorkerProcess:
                 events.append({"event": "cancelled", "checkpoint": None, "forced": True})
             else:
                 tail = "\n".join(list(self.stderr_tail)[-15:])
-                message = (f"The reconstruction process stopped unexpectedly (exit code {self.returncode})."
-                           + (f" Last messages:\n{tail}" if tail else ""))
+                if tail:
+                    message = protocol.tr("The reconstruction process stopped unexpectedly (exit code {code}). Last "
+                                          "messages:\n{messages}", code=self.returncode, messages=tail)
+                else:
+                    message = protocol.tr("The reconstruction process stopped unexpectedly (exit code {code}).",
+                                          code=self.returncode)
                 events.append({"event": "error", "kind": "crashed", "message": message, "traceback": tail})
             self.terminal_event = events[-1]
         events.append({"event": "exit", "returncode": self.returncode})
@@ -484,18 +488,21 @@ def start_worker(config_path: str, python: str | None = None, external: bool = F
 
 
 class WorkerCommand:
-    """A short worker command (``--probe``, ``--describe FILE``, ``--version``) running in the background.
+    """A short worker command (``--probe``, ``--describe FILE``, ``--list-dicom``, ``--make-phantom``) running in the
+    background: the panel's one path for starting the worker outside a reconstruction.
 
     ``poll()`` never blocks: None while it runs, then its answer - the first protocol event it printed, or an
     ``error`` event saying why there was none (interpreter missing, engine missing, crash, timeout).
+    ``timeout_message``: the text of the timeout error (default: which command took too long).
     """
 
     def __init__(self, args: list[str], python: str | None = None, external: bool = False, timeout: float = 300.0,
-                 engine: Path | None = None, cwd: str | None = None):
+                 engine: Path | None = None, cwd: str | None = None, timeout_message: str | None = None):
         engine = engine if engine is not None else engine_root()
         command = build_worker_command(python if external else None, args)
         self.args = list(args)
         self.timeout = timeout
+        self.timeout_message = timeout_message
         self.result: dict | None = None
         self._answer: dict | None = None
         self._deadline = time.monotonic() + timeout
@@ -504,9 +511,9 @@ class WorkerCommand:
                 command, env=worker_environment(external=external, engine=engine), cwd=cwd, watch_stdin=False).start()
         except (FileNotFoundError, PermissionError):
             self.worker = None
-            self.result = {"event": "error", "kind": "input",
-                           "message": f"The Python interpreter '{command[0]}' was not found or cannot be run. Choose "
-                                      "an existing python executable or use Slicer's own Python."}
+            self.result = {"event": "error", "kind": "input", "message": protocol.tr(
+                "The Python interpreter '{python}' was not found or cannot be run. Choose an existing python "
+                "executable or use Slicer's own Python.", python=command[0])}
 
     def poll(self) -> dict | None:
         if self.result is not None:
@@ -515,9 +522,10 @@ class WorkerCommand:
             if self._answer is None and event.get("event") not in ("log", "output", "exit", "worker"):
                 self._answer = event
         if not self.worker.finished() and time.monotonic() > self._deadline:
-            self.worker.kill()
-            self.result = {"event": "error", "kind": "internal",
-                           "message": f"'{' '.join(self.args)}' took more than {self.timeout:.0f} s"}
+            self.worker.kill()  # the whole group, at once; the pipes close by themselves
+            self.result = {"event": "error", "kind": "internal", "message": self.timeout_message or protocol.tr(
+                "'{command}' took more than {seconds} s and was stopped.", command=" ".join(self.args),
+                seconds=f"{self.timeout:.0f}")}
         elif self.worker.finished():
             self.result = self._answer if self._answer is not None and self._answer.get("kind") != "crashed" \
                 else self._no_answer()
@@ -530,18 +538,21 @@ class WorkerCommand:
             self.worker.wait(5.0)
             self.worker.poll_events()
         if self.result is None:
-            self.result = {"event": "error", "kind": "internal", "message": "cancelled"}
+            self.result = {"event": "error", "kind": "internal", "message": protocol.tr("Cancelled.")}
 
     def _no_answer(self) -> dict:
         tail = list(self.worker.stderr_tail)[-10:]
-        hint = ""
         if any("No module named" in t and "drgs_core" in t for t in tail):
-            hint = (" The drgs_core engine is not installed in this Python: install it there (pip install -e "
-                    "<DRGS4D source folder>) or use Slicer's own Python.")
+            text = ("The worker gave no answer (exit code {code}). The drgs_core engine is not installed in this "
+                    "Python: install it there (pip install -e <DRGS4D source folder>) or use Slicer's own Python."
+                    "\n{messages}")
         elif any("No module named" in t for t in tail):
-            hint = " A Python package the engine needs is missing in this interpreter."
+            text = ("The worker gave no answer (exit code {code}). A Python package the engine needs is missing in "
+                    "this interpreter.\n{messages}")
+        else:
+            text = "The worker gave no answer (exit code {code}).\n{messages}"
         return {"event": "error", "kind": "internal",
-                "message": f"The worker gave no answer (exit code {self.worker.returncode}).{hint}\n" + "\n".join(tail)}
+                "message": protocol.tr(text, code=self.worker.returncode, messages="\n".join(tail))}
 
 
 def run_worker_command(args: list[str], python: str | None = None, external: bool = False,

@@ -299,7 +299,8 @@ def describe_event(event: dict) -> str:
             return tr("Cancelled; the last checkpoint is kept and the run can be resumed")
         if event.get("stage") and not event.get("forced"):
             return tr("Cancelled before training ({stage})",
-                      stage=tr(_STAGE_TEXT.get(event["stage"], event["stage"])).lower())
+                      stage=(tr(_STAGE_TEXT[event["stage"]]) if event["stage"] in _STAGE_TEXT
+                             else str(event["stage"])).lower())
         return tr("Cancelled")
     if name == "error":
         return tr("Error: {message}", message=event.get("message"))

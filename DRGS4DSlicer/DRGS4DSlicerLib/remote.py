@@ -80,8 +80,8 @@ class RemoteClient:
             resp = conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise RemoteError(0, f"cannot reach the DRGS4D server at {self.scheme}://{self.host}:{self.port}: {exc}") \
-                from None
+            raise RemoteError(0, protocol.tr("cannot reach the DRGS4D server at {url}: {reason}",
+                                              url=f"{self.scheme}://{self.host}:{self.port}", reason=exc)) from None
         if resp.status >= 400:
             raw = resp.read()
             conn.close()
@@ -204,7 +204,8 @@ class RemoteClient:
             except (OSError, http.client.HTTPException) as exc:
                 failures += 1
                 if failures > max_reconnects:
-                    raise RemoteError(0, f"lost the connection to the server: {exc}") from None
+                    raise RemoteError(0, protocol.tr("lost the connection to the server: {reason}",
+                                                     reason=exc)) from None
                 log.info("event stream dropped (%s): reconnecting", exc)
                 time.sleep(reconnect_delay)
             finally:
@@ -243,7 +244,8 @@ def _unpack_into(archive: Path, folder: Path) -> list:
             if info.is_dir():
                 continue
             if rel.is_absolute() or ".." in rel.parts:
-                raise RemoteError(0, f"the server sent a result file with an unsafe name: {info.filename!r}")
+                raise RemoteError(0, protocol.tr("the server sent a result file with an unsafe name: {name}",
+                                                 name=repr(info.filename)))
             target = folder.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".part-{target.name}")
@@ -265,7 +267,7 @@ def pack_request(request: dict, archive) -> dict:
         if request.get("case"):
             root = Path(request["case"])
             if not (root / "transforms.json").is_file():
-                raise RemoteError(0, f"the case folder {root} has no transforms.json")
+                raise RemoteError(0, protocol.tr("the case folder {folder} has no transforms.json", folder=root))
             for path in sorted(root.rglob("*")):
                 if path.is_file():
                     zf.write(path, path.relative_to(root).as_posix())
@@ -303,7 +305,7 @@ class RemoteJob:
     # -- life cycle --
     def start(self) -> "RemoteJob":
         if self._thread is not None:
-            raise RuntimeError("remote job already started")
+            raise RuntimeError(protocol.tr("remote job already started"))
         self._thread = threading.Thread(target=self._run, name="drgs-remote", daemon=True)
         self._thread.start()
         return self
@@ -350,9 +352,11 @@ class RemoteJob:
                 self._handle(raw)
         except (RemoteError, OSError, ValueError) as exc:
             kind = "input" if isinstance(exc, RemoteError) and 400 <= exc.status < 500 else "crashed"
-            self._finish({"event": "error", "kind": kind, "message": f"remote server: {exc}"})
+            self._finish({"event": "error", "kind": kind,
+                          "message": protocol.tr("remote server: {reason}", reason=exc)})
         if self.terminal_event is None:
-            self._finish({"event": "error", "kind": "crashed", "message": "the server's event stream ended early"})
+            self._finish({"event": "error", "kind": "crashed",
+                          "message": protocol.tr("the server's event stream ended early")})
         self.events.put({"event": "exit", "returncode": self.returncode})
 
     def _submit(self) -> None:
@@ -428,4 +432,5 @@ def check_connection(url: str, token: str, timeout: float = 10.0) -> dict:
     try:
         return RemoteClient(url, token, timeout=timeout).health()
     except socket.timeout:
-        raise RemoteError(0, f"the server at {url} did not answer within {timeout:.0f} s") from None
+        raise RemoteError(0, protocol.tr("the server at {url} did not answer within {seconds} s", url=url,
+                                         seconds=f"{timeout:.0f}")) from None

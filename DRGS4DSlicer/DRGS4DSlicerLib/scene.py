@@ -20,6 +20,8 @@ import vtk
 
 import slicer
 
+from . import protocol
+
 log = logging.getLogger("DRGS4D.scene")
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -355,7 +357,7 @@ class SceneUpdater:
     def _new_node(self, class_name: str, name: str, role: str):
         node = self.scene.AddNewNodeByClass(class_name, self.scene.GenerateUniqueName(name))
         if node is None:
-            raise RuntimeError(f"the scene cannot create {class_name}")
+            raise RuntimeError(protocol.tr("the scene cannot create {node_class}", node_class=class_name))
         self._adopt(node, role)
         self.nodes[role] = node
         return node
@@ -600,7 +602,7 @@ class SceneUpdater:
         ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             image, node, SEGMENT_ID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
         if not ok:
-            raise RuntimeError("could not write the vessel mask into the segmentation")
+            raise RuntimeError(protocol.tr("could not write the vessel mask into the segmentation"))
         if node.GetSegmentation().ContainsRepresentation("Closed surface"):
             node.GetSegmentation().CreateRepresentation("Closed surface", True)  # refresh the 3D surface
         elif surface:
@@ -611,7 +613,7 @@ class SceneUpdater:
         """Re-segment the final volume at ``threshold`` (1/mm); returns the number of vessel voxels."""
         volume = self.node("volume")
         if volume is None:
-            raise RuntimeError("there is no reconstructed volume to threshold yet")
+            raise RuntimeError(protocol.tr("there is no reconstructed volume to threshold yet"))
         array = slicer.util.arrayFromVolume(volume)
         self.threshold = float(threshold)
         return self._set_segment_mask(array >= self.threshold, ijk_to_ras_of(volume))
@@ -620,7 +622,7 @@ class SceneUpdater:
         """Export the vessel segment to a labelmap volume node on the final volume's grid."""
         seg = self.node("segmentation")
         if seg is None:
-            raise RuntimeError("there is no segmentation to export")
+            raise RuntimeError(protocol.tr("there is no segmentation to export"))
         labelmap = self.node("labelmap") or self._new_node("vtkMRMLLabelMapVolumeNode",
                                                            name or f"{self.run_name} vessels label", "labelmap")
         ids = vtk.vtkStringArray()
@@ -631,7 +633,7 @@ class SceneUpdater:
         else:
             ok = self.segmentations_logic.ExportSegmentsToLabelmapNode(seg, ids, labelmap)
         if not ok:
-            raise RuntimeError("exporting the segmentation to a labelmap failed")
+            raise RuntimeError(protocol.tr("exporting the segmentation to a labelmap failed"))
         return labelmap
 
     def export_segmentation_files(self, folder: str | os.PathLike, surface_format: str = "STL") -> list[str]:
@@ -640,7 +642,7 @@ class SceneUpdater:
         folder.mkdir(parents=True, exist_ok=True)
         seg = self.node("segmentation")
         if seg is None:
-            raise RuntimeError("there is no segmentation to export")
+            raise RuntimeError(protocol.tr("there is no segmentation to export"))
         written = []
         labelmap = self.export_labelmap()
         stem = _safe_name(self.run_name)

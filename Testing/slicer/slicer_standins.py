@@ -563,6 +563,94 @@ def parameter_node_wrapper_module(version: str, connections: list | None = None)
     return mod
 
 
+# ---- Slicer's DICOM database -----------------------------------------------------------------------------------
+# What the panel relies on, read from commontk/CTK at 868d56c (Libs/DICOM/Core: ctkDICOMDatabase.h, .cpp and
+# Resources/dicom-schema.sql, schema 0.8.1): the Q_PROPERTYs isOpen, isInMemory, databaseFilename and
+# databaseDirectory of ctkDICOMDatabase; in its SQLite file the tables Series (SeriesInstanceUID, Modality) and Images
+# (SOPInstanceUID, Filename, SeriesInstanceUID); Filename is relative to databaseDirectory for files inside it
+# (ctk::internalPathFromAbsolute), absolute otherwise, and empty for entries known only by URL.
+CTK_DICOM_TABLES = {"Series": ("SeriesInstanceUID", "StudyInstanceUID", "Modality", "InsertTimestamp"),
+                    "Images": ("SOPInstanceUID", "Filename", "URL", "SeriesInstanceUID", "InsertTimestamp")}
+
+
+class FakeDicomDatabase:
+    """A ctkDICOMDatabase stand-in over a real SQLite file with the columns above.  ``series``: {series uid:
+    (modality, [files])}; files under ``folder`` are stored relative to it, as CTK does.  Calling any other method
+    (the Qt API the panel must not use, as it would run in the main thread) fails."""
+
+    def __init__(self, folder, series, open_=True):
+        import sqlite3
+
+        self.databaseDirectory = str(folder)
+        self.databaseFilename = str(pathlib.Path(folder) / "ctkDICOM.sql")
+        self.isOpen, self.isInMemory = open_, False
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(self.databaseFilename) as db:
+            for table, columns in CTK_DICOM_TABLES.items():
+                db.execute("CREATE TABLE '{}' ({})".format(table, ", ".join(f"'{c}' VARCHAR NULL" for c in columns)))
+            for number, (uid, (modality, files)) in enumerate(series.items()):
+                db.execute("INSERT INTO Series VALUES (?, ?, ?, ?)", (uid, "1.2.3", modality, "2026"))
+                for k, name in enumerate(files):
+                    path = pathlib.Path(name)
+                    stored = str(path.relative_to(folder)) if path.is_relative_to(folder) else str(path)
+                    db.execute("INSERT INTO Images VALUES (?, ?, ?, ?, ?)", (f"{uid}.{k}", stored, None, uid, "2026"))
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the panel called ctkDICOMDatabase.{name} in the main thread")
+
+
+# ---- the PyTorch extension's PyTorchUtils ------------------------------------------------------------------------
+# What the panel relies on, read from fepegar/SlicerPyTorch at e1c85cc (main; PyTorchUtils/PyTorchUtils.py):
+# - ``PyTorchUtils.PyTorchUtilsLogic()`` takes no arguments.
+# - ``torchInstalled()`` is a staticmethod returning a bool: torch's distribution metadata exists and ``import torch``
+#   works (a broken torch can raise from the import instead).
+# - ``installTorch(askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+#   torchvisionVersionRequirement=None)``, only these parameters.  The requirement strings are appended to the
+#   package names ("torch" + torchVersionRequirement), so they are bare specifiers such as ">=2.1".  light-the-torch
+#   installs torch and torchvision for the computation backend it detects (the NVIDIA driver's CUDA, else CPU) unless
+#   one is forced.  With askConfirmation the user is asked, and declining returns None; otherwise the imported torch
+#   module is returned, and a failed installation raises (it does not return None).
+PYTORCH_UTILS_SOURCE = "fepegar/SlicerPyTorch@e1c85cc0a62e92fa6c38223cd88c611906adb60e"
+
+
+def pytorch_utils_module(installed=False, confirm=True, failure=None):
+    """A ``PyTorchUtils`` module stand-in with the behaviour above.  ``installs`` records the light-the-torch argument
+    lists; ``failure`` (an exception) is raised by the installation."""
+    from packaging.requirements import Requirement
+
+    module = types.ModuleType("PyTorchUtils")
+    module.installs = []
+    state = {"installed": installed}
+
+    class PyTorchUtilsLogic:
+        def __init__(self):
+            self._torch = None
+
+        @staticmethod
+        def torchInstalled():
+            return state["installed"]
+
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                         torchvisionVersionRequirement=None):
+            args = ["install", "torch" + (torchVersionRequirement or ""),
+                    "torchvision" + (torchvisionVersionRequirement or "")]
+            for text, name in zip(args[1:], ("torch", "torchvision")):
+                if Requirement(text).name != name:  # e.g. "torchtorch>=2.1" from a whole requirement
+                    raise ValueError(f"light-the-torch would install {text!r}")
+            if forceComputationBackend is not None:
+                args.append(f"--pytorch-computation-backend={forceComputationBackend}")
+            if askConfirmation and not confirm:
+                return None
+            module.installs.append(args)
+            if failure is not None:
+                raise failure
+            state["installed"] = True
+            return types.SimpleNamespace(__version__="2.7.1+cu128")
+
+    module.PyTorchUtilsLogic = PyTorchUtilsLogic
+    return module
+
+
 # ---- importing the module -----------------------------------------------------------------------------------------
 
 MODULE_DIR = pathlib.Path(__file__).resolve().parents[2] / "DRGS4DSlicer"

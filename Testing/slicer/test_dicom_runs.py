@@ -1,10 +1,9 @@
 """The panel's DICOM mode logic (DRGS4DSlicerLib.dicom_runs): a real worker subprocess lists real DICOM files
 written with pydicom, the pair is preselected, its derived geometry described, and the request it builds loads
-through the engine's pipeline."""
+through the engine's pipeline.  Slicer's DICOM database is a real SQLite file with the columns CTK uses
+(slicer_standins.FakeDicomDatabase); the path list a long listing writes never outlives it."""
 
 import ast
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from DRGS4DSlicerLib import dicom_runs
+from slicer_standins import FakeDicomDatabase
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,14 +54,20 @@ def wait(lister, timeout=60):
         time.sleep(0.05)
 
 
-def worker_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+def list_files_left(folder):
+    return sorted(Path(folder).glob(dicom_runs.LIST_FILE_PREFIX + "*"))
+
+
+def fake_python(tmp_path, script):
+    """An 'interpreter' that runs a shell script instead (hangs, crashes) for the failure paths."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    return str(path)
 
 
 def test_worker_lists_runs_and_the_pair_is_preselected(dicom_folder, tmp_path):
-    lister = dicom_runs.DicomRunLister([dicom_folder["folder"]], python=sys.executable, env=worker_env()).start()
+    lister = dicom_runs.DicomRunLister([dicom_folder["folder"]]).start()
     listing = wait(lister)
     by_path = {r["path"]: r["id"] for r in listing.runs}
     mask_id, fill_id = by_path[str(dicom_folder["mask"])], by_path[str(dicom_folder["fill"])]
@@ -85,63 +91,72 @@ def test_worker_lists_runs_and_the_pair_is_preselected(dicom_folder, tmp_path):
 
 
 def test_worker_error_is_reported(tmp_path):
-    lister = dicom_runs.DicomRunLister([tmp_path / "missing"], python=sys.executable, env=worker_env()).start()
+    lister = dicom_runs.DicomRunLister([tmp_path / "missing"]).start()
     with pytest.raises(RuntimeError, match="does not exist"):
         wait(lister)
 
 
-def test_a_hung_listing_is_stopped_after_its_timeout(tmp_path):
-    """An interpreter that never answers (here: a script that sleeps) is killed at the deadline, with a message."""
-    sleeper = tmp_path / "python"
-    sleeper.write_text("#!/bin/sh\nexec sleep 60\n")
-    sleeper.chmod(0o755)
-    lister = dicom_runs.DicomRunLister([tmp_path], python=str(sleeper), env=worker_env(), timeout=0.5).start()
+def _gone(worker, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while worker.is_running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not worker.is_running()
+
+
+def test_a_hung_listing_is_stopped_after_its_timeout_and_leaves_nothing(tmp_path):
+    """An interpreter that never answers (here: a script that sleeps) is killed at the deadline, with a message; the
+    path list of a long listing is removed."""
+    sleeper = fake_python(tmp_path, "exec sleep 60")
+    lister = dicom_runs.DicomRunLister([tmp_path / f"f{i}.dcm" for i in range(25)], python=sleeper, external=True,
+                                       folder=tmp_path, timeout=0.5).start()
+    assert len(list_files_left(tmp_path)) == 1  # 25 paths: handed over in a list file
     t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match="took more than"):
+    with pytest.raises(RuntimeError, match="took more than 0 s and was stopped"):
         wait(lister)
     assert time.monotonic() - t0 < 10
-    deadline = time.monotonic() + 10
-    while lister.worker.is_running() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not lister.worker.is_running()  # the sleeping process is gone, not left behind
+    assert _gone(lister.command.worker)  # the sleeping process is gone, not left behind
+    assert list_files_left(tmp_path) == []
 
 
-class FakeDatabase:
-    """The few ctkDICOMDatabase calls the logic uses, over real files."""
-
-    def __init__(self, series):
-        self.series = series  # {series uid: (modality, [files])}
-
-    def patients(self):
-        return ["p1"]
-
-    def studiesForPatient(self, patient):
-        return ["s1"]
-
-    def seriesForStudy(self, study):
-        return list(self.series)
-
-    def filesForSeries(self, series):
-        return self.series[series][1]
-
-    def fileValue(self, path, tag):
-        assert tag == "0008,0060"
-        return next(mod for mod, files in self.series.values() if path in files)
+def test_a_cancelled_or_failed_listing_leaves_no_list_file(tmp_path):
+    paths = [tmp_path / f"f{i}.dcm" for i in range(25)]
+    lister = dicom_runs.DicomRunLister(paths, python=fake_python(tmp_path, "exec sleep 60"), external=True,
+                                       folder=tmp_path).start()
+    assert len(list_files_left(tmp_path)) == 1
+    lister.cancel()
+    assert _gone(lister.command.worker) and list_files_left(tmp_path) == []
+    lister = dicom_runs.DicomRunLister(paths, python=fake_python(tmp_path, "echo broken >&2; exit 3"),
+                                       external=True, folder=tmp_path).start()
+    with pytest.raises(RuntimeError, match="exit code 3"):
+        wait(lister)
+    assert list_files_left(tmp_path) == []
 
 
 def test_database_files_and_long_path_lists(dicom_folder, tmp_path):
+    """XA files of the database's SQLite file (a relative name resolves against the database folder), listed by
+    the worker through a path list that is removed afterwards; several sources make a request list in the run's
+    inputs folder, never in the system temp folder."""
     mask, fill = str(dicom_folder["mask"]), str(dicom_folder["fill"])
-    db = FakeDatabase({"1.1": ("XA", [mask]), "1.2": ("CT", ["ct1", "ct2"]), "1.3": ("XA", [fill])})
-    files = dicom_runs.xa_files_from_database(db)
+    db = FakeDicomDatabase(dicom_folder["folder"], {"1.1": ("XA", [mask]), "1.2": ("CT", ["/x/ct1", "/x/ct2"]),
+                                                    "1.3": ("XA ", [fill])})
+    location = dicom_runs.database_location(db)
+    files = dicom_runs.xa_files_in_database(*location)
     assert files == [mask, fill]
-    assert dicom_runs.xa_files_from_database(db, ["1.3"]) == [fill]
+    assert dicom_runs.xa_files_in_database(*location, series_uids=["1.3"]) == [fill]
+    assert dicom_runs.database_location(None) is None
+    db.isOpen = False
+    assert dicom_runs.database_location(db) is None
 
-    args = dicom_runs.worker_arguments(files * 15, folder=str(tmp_path))  # 30 paths: handed over in a list file
-    assert args[0] == "--list-dicom" and len(args) == 2 and args[1].endswith(".txt")
-    listing = in_process_listing([args[1]])
+    lister = dicom_runs.DicomRunLister(files * 15, folder=tmp_path).start()  # 30 paths: handed over in a list file
+    assert lister.command.args[0] == "--list-dicom" and lister.command.args[1].endswith(".txt")
+    listing = wait(lister)
     assert len(listing.runs) == 2 and listing.preselection() is not None
-    request = listing.request(*listing.preselection(), out=str(tmp_path / "out"))
-    assert request["dicom"] == args[1]
+    assert list_files_left(tmp_path) == []
+    with pytest.raises(ValueError, match="folder"):
+        listing.request(*listing.preselection(), out="")
+    request = listing.request(*listing.preselection(), out="", folder=tmp_path / "run" / "inputs")
+    assert request["dicom"] == str(tmp_path / "run" / "inputs" / dicom_runs.REQUEST_LIST_FILE)
+    assert Path(request["dicom"]).read_text().split() == [fill, mask]
 
 
 def test_plane_b_is_not_preselected(tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from DRGS4DSlicerLib import deps, inputs
+from slicer_standins import pytorch_utils_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,23 +77,36 @@ def test_describe_through_the_worker_matches_the_engine(tmp_path):
 
 
 def test_export_scene_volume_keeps_the_stack_order(scene, tmp_path):
+    """A scene volume is snapshotted (no copy) and written from another thread; the engine reads the same stack."""
     slicer = pytest.importorskip("slicer")
+    import threading
+
     import SimpleITK as sitk
 
     stack = np.random.default_rng(0).random((7, 5, 6)).astype(np.float32)  # [N, H, W]
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fill")
     slicer.util.updateVolumeFromArray(node, stack)
     node.SetSpacing(0.3, 0.4, 1.0)
-    path = inputs.export_volume_node(node, tmp_path, "fill_run")
-    assert path.endswith("fill_run.nrrd")
-    back = sitk.GetArrayFromImage(sitk.ReadImage(path))
-    np.testing.assert_array_equal(back, stack)
+    node.SetOrigin(10.0, -20.0, 5.0)
+    snapshot = inputs.snapshot_volume_node(node, "fill run")
+    assert np.shares_memory(snapshot.array, slicer.util.arrayFromVolume(node))  # nothing copied in the main thread
+    written = {}
+    thread = threading.Thread(target=lambda: written.update(inputs.write_volume_snapshots(
+        {"fill": (snapshot, tmp_path / "fill_run.nrrd")})))
+    thread.start()
+    thread.join()
+    path = written["fill"]
+    assert path == str(tmp_path / "fill_run.nrrd") and sorted(p.name for p in tmp_path.iterdir()) == ["fill_run.nrrd"]
+    image = sitk.ReadImage(path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stack)
+    assert image.GetSpacing() == pytest.approx((0.3, 0.4, 1.0))
+    assert image.GetOrigin() == pytest.approx((-10.0, 20.0, 5.0))  # RAS (10, -20, 5) in LPS
     from drgs_core.io import read_stack
 
     np.testing.assert_array_equal(read_stack(path), stack)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(inputs.InputProblem, match="no image data"):
-        inputs.export_volume_node(empty, tmp_path, "mask_run")
+        inputs.snapshot_volume_node(empty, "mask run")
 
 
 # ---- deps --------------------------------------------------------------------------------------------------------
@@ -118,21 +132,12 @@ class _Recorder:
         self.calls = []
 
 
-def _fake_modules(torch_ok=True, with_packaging=True):
+def _fake_modules(with_packaging=True, **pytorch):
+    """slicer.packaging, slicer.util and PyTorchUtils stand-ins (the latter by the rules read from SlicerPyTorch)."""
     rec = _Recorder()
     packaging = types.SimpleNamespace(pip_ensure=lambda reqs, **kw: rec.calls.append(("pip_ensure", [str(r) for r in reqs], kw)))
     util = types.SimpleNamespace(pip_install=lambda reqs: rec.calls.append(("pip_install", reqs)))
-
-    class Logic:
-        def torchInstalled(self):
-            return False
-
-        def installTorch(self, **kw):
-            rec.calls.append(("installTorch", kw))
-            return object() if torch_ok else None
-
-    pytorch_utils = types.SimpleNamespace(PyTorchUtilsLogic=Logic)
-    return rec, (packaging if with_packaging else None), util, pytorch_utils
+    return rec, (packaging if with_packaging else None), util, pytorch_utils_module(**pytorch)
 
 
 def test_nothing_is_installed_without_consent(monkeypatch):
@@ -143,24 +148,16 @@ def test_nothing_is_installed_without_consent(monkeypatch):
     installer = deps.Installer(lambda title, text: asked.append(text) or False, packaging, util, ptu)
     with pytest.raises(deps.DependencyError, match="not installed"):
         installer.ensure()
-    assert rec.calls == [] and "nibabel>=5.0" in asked[0] and "PyTorch Utils" in asked[0]
+    assert rec.calls == [] and ptu.installs == [] and "nibabel>=5.0" in asked[0] and "PyTorch Utils" in asked[0]
 
 
 def test_install_uses_pytorch_utils_and_pip_ensure(monkeypatch):
-    state = {"installed": False}
-    monkeypatch.setattr(deps, "missing_requirements", lambda r=None: [] if state["installed"] else ["nibabel>=5.0"])
-    monkeypatch.setattr(deps, "torch_missing", lambda: not state["installed"])
     rec, packaging, util, ptu = _fake_modules()
-    original = packaging.pip_ensure
-
-    def pip_ensure(reqs, **kw):
-        original(reqs, **kw)
-        state["installed"] = True
-
-    packaging.pip_ensure = pip_ensure
+    monkeypatch.setattr(deps, "missing_requirements", lambda r=None: [] if rec.calls else ["nibabel>=5.0"])
+    monkeypatch.setattr(deps, "torch_missing", lambda: not ptu.PyTorchUtilsLogic.torchInstalled())
     assert deps.Installer(lambda t, x: True, packaging, util, ptu).ensure()
-    assert rec.calls[0] == ("installTorch", {"askConfirmation": False, "torchVersionRequirement": ">=2.1"})
-    name, reqs, kw = rec.calls[1]
+    assert ptu.installs == [["install", "torch>=2.1", "torchvision"]]  # no backend forced: it follows the driver
+    (name, reqs, kw), = rec.calls
     assert name == "pip_ensure" and reqs == ["nibabel>=5.0"]
     assert kw["prompt_install"] is False and kw["requester"] == "DRGS4D"
 
@@ -175,12 +172,34 @@ def test_install_falls_back_to_util_pip_install_and_pip_torch(monkeypatch):
     assert rec.calls == [("pip_install", ["torch>=2.1"]), ("pip_install", ["pynrrd>=1.0"])]
 
 
-def test_failed_torch_install_is_a_dependency_error(monkeypatch):
+@pytest.mark.parametrize("pytorch, message", [
+    (dict(failure=RuntimeError("pip failed: no space left on device")), "no space left on device"),
+    (dict(installed=True), "older than DRGS4D needs"),  # present, yet below the requirement: no silent pass
+])
+def test_failed_torch_install_is_a_dependency_error(monkeypatch, pytorch, message):
     monkeypatch.setattr(deps, "missing_requirements", lambda r=None: [])
     monkeypatch.setattr(deps, "torch_missing", lambda: True)
-    rec, packaging, util, ptu = _fake_modules(torch_ok=False)
-    with pytest.raises(deps.DependencyError, match="PyTorch Utils"):
+    rec, packaging, util, ptu = _fake_modules(**pytorch)
+    with pytest.raises(deps.DependencyError, match=message):
         deps.Installer(lambda t, x: True, packaging, util, ptu).ensure()
+
+
+def test_the_pytorch_utils_stand_in_keeps_the_rules_read_from_slicer_pytorch():
+    """installTorch's keywords and what it does with them, torchInstalled as a staticmethod, None on a refusal."""
+    import inspect
+
+    logic_class = pytorch_utils_module().PyTorchUtilsLogic
+    assert list(inspect.signature(logic_class.installTorch).parameters) == [
+        "self", "askConfirmation", "forceComputationBackend", "torchVersionRequirement",
+        "torchvisionVersionRequirement"]
+    assert isinstance(inspect.getattr_static(logic_class, "torchInstalled"), staticmethod)
+    logic = logic_class()
+    with pytest.raises(TypeError):
+        logic.installTorch(versionRequirement=">=2.1")  # a keyword PyTorchUtils does not have
+    with pytest.raises(ValueError, match="torchtorch"):
+        logic.installTorch(torchVersionRequirement="torch>=2.1")  # a whole requirement, not a specifier
+    assert pytorch_utils_module(confirm=False).PyTorchUtilsLogic().installTorch(askConfirmation=True) is None
+    assert logic.installTorch(torchVersionRequirement=">=2.1") is not None and logic_class.torchInstalled()
 
 
 def test_all_present_means_no_question(monkeypatch):

@@ -79,11 +79,14 @@ def test_logic_runs_a_case_and_works_on_the_results(module, tiny_case, tmp_path)
 
 
 def test_logic_scene_volume_inputs_are_exported_for_the_worker(module, scene, tmp_path):
+    """Scene volumes are written by a background task; the request names the written files."""
     logic = module.DRGS4DSlicerLogic()
     p = logic.getParameterNode()
     p.inputMode = "scene volumes"
     with pytest.raises(module.inputs.InputProblem, match="fill and the mask"):
-        logic.inputRequest(p, tmp_path)
+        logic.startVolumeExport(p, tmp_path / "inputs")
+    with pytest.raises(module.inputs.InputProblem, match="fill and the mask"):
+        logic.inputRequest(p, tmp_path)  # not exported yet
     for name in ("fillVolume", "maskVolume"):
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
         slicer.util.updateVolumeFromArray(node, np.ones((4, 5, 6), np.float32))
@@ -91,9 +94,16 @@ def test_logic_scene_volume_inputs_are_exported_for_the_worker(module, scene, tm
     geometry = tmp_path / "transforms.json"
     geometry.write_text("{}")
     p.geometryFile = geometry
-    request = logic.inputRequest(p, tmp_path / "inputs")
+    task = logic.startVolumeExport(p, tmp_path / "inputs")
+    deadline = time.monotonic() + 30
+    while (event := task.poll()) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert event["event"] == "result", event
+    request = logic.inputRequest(p, tmp_path / "inputs", exported=event["result"])
     assert request == {"fill": str(tmp_path / "inputs" / "fill_run.nrrd"),
                        "mask": str(tmp_path / "inputs" / "mask_run.nrrd"), "geometry": str(geometry)}
+    assert all(pathlib.Path(request[role]).is_file() for role in ("fill", "mask"))
     assert logic.caseName(p) == "fillVolume"
 
 

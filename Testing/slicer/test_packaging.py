@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -229,6 +228,14 @@ def test_extension_index_metadata():
     module = (MODULE / "DRGS4DSlicer.py").read_text()
     assert "DOCUMENTATION_URL" in module and 'href="{url}"' in module
     assert re.search(r'contributors = \["[^"(]+ \([^)]+\)"', module)
+    # the help's link lands on the README's Slicer section (GitHub's heading anchor), in the homepage's repository
+    url = re.search(r'DOCUMENTATION_URL = "([^"]+)"', module).group(1)
+    homepage = re.search(r'set\(EXTENSION_HOMEPAGE "([^"#]+)', top).group(1)
+    assert url.startswith(homepage + "#")
+    headings = re.findall(r"^#+ (.+)$", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+    assert url.split("#", 1)[1] in anchors
+    assert "Apache-2.0" in module and "IPMI 2025" in module  # acknowledgement: licence and the method's paper
 
 
 def test_icon_is_a_real_128px_png():

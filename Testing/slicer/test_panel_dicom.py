@@ -1,11 +1,13 @@
 """The panel's "DICOM" input mode end to end: real DICOM files written with pydicom (a Siemens-style mask/fill pair),
-found through a stand-in of Slicer's DICOM database, listed by a real worker process in the background (every timer
-tick short), the pair preselected and its derived geometry and warnings shown; then the Reconstruct button starts
-the real worker on the DICOM request and the result lands in the scene."""
+found in a stand-in of Slicer's DICOM database (a real SQLite file, queried in a background thread), listed by a
+real worker process in the background (every timer tick short), the pair preselected and its derived geometry and
+warnings shown; then the Reconstruct button starts the real worker on the DICOM request and the result lands in the
+scene."""
 
 import json
 import pathlib
 import sys
+import threading
 import time
 
 import numpy as np
@@ -13,8 +15,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_standins import load_module  # noqa: E402
-from test_dicom_runs import FakeDatabase  # noqa: E402
+from slicer_standins import FakeDicomDatabase, load_module  # noqa: E402
 
 
 def _tick_until(widget, done, timeout=240.0):
@@ -43,8 +44,8 @@ def widget(monkeypatch, scene, tmp_path, worker_env, written):
     for key, value in worker_env.items():
         monkeypatch.setenv(key, value)
     module = load_module(monkeypatch, scene, tmp_path, "5.6")
-    db = FakeDatabase({"1.1": ("XA", [str(written["mask"])]), "1.2": ("CT", ["ct1"]),
-                       "1.3": ("XA", [str(written["fill"])])})
+    db = FakeDicomDatabase(tmp_path / "db", {"1.1": ("XA", [str(written["mask"])]), "1.2": ("CT", ["ct1"]),
+                                             "1.3": ("XA", [str(written["fill"])])})
     monkeypatch.setattr(slicer, "dicomDatabase", db, raising=False)
     w = module.DRGS4DSlicerWidget()
     w.setup()
@@ -56,7 +57,11 @@ def widget(monkeypatch, scene, tmp_path, worker_env, written):
     sys.modules.pop("DRGS4DSlicer", None)
 
 
-def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written, tmp_path):
+def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written, tmp_path, monkeypatch):
+    dicom_runs = sys.modules["DRGS4DSlicer"].dicom_runs
+    query, threads = dicom_runs.xa_files_in_database, []
+    monkeypatch.setattr(dicom_runs, "xa_files_in_database",
+                        lambda *a: threads.append(threading.current_thread()) or query(*a))
     p = widget._parameterNode
     p.inputMode = "DICOM"
     assert widget.ui.dicomWidget.visible and not widget.ui.geometryWidget.visible
@@ -66,9 +71,11 @@ def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written,
     widget.onListDicom()  # the database's two XA series (the CT series is not handed over)
     assert time.perf_counter() - t0 < 0.5 and "background" in widget.ui.dicomSummaryLabel.text
     assert not widget.ui.listDicomButton.enabled and not widget.ui.checkInputsButton.enabled
-    assert widget._task[1].lister.sources == [str(written["mask"]), str(written["fill"])]
+    lister = widget._task[1].lister
     ticks = _tick_until(widget, lambda: widget._task is None)
     assert max(ticks) < 0.1
+    assert threads and threading.main_thread() not in threads  # the database file was read in the background
+    assert lister.sources == [str(written["mask"]), str(written["fill"])]  # the CT series was not handed over
 
     listing = widget._dicomListing
     by_path = {r["path"]: r["id"] for r in listing.runs}
@@ -98,7 +105,7 @@ def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written,
     assert job is not None, widget.ui.statusLabel.text
     request = json.loads((job.run_dir / "drgs4d_request.json").read_text())
     assert (request["fill_uid"], request["mask_uid"]) == (fill_id, mask_id)
-    assert pathlib.Path(request["dicom"]).suffix == ".txt"  # two database files: handed over as a list
+    assert pathlib.Path(request["dicom"]) == job.run_dir / "inputs" / "dicom_runs.txt"  # kept with the run
     assert pathlib.Path(request["dicom"]).read_text().split() == [str(written["fill"]), str(written["mask"])]
     assert not widget.ui.listDicomButton.enabled and not widget.ui.inputsCollapsibleButton.enabled
     _tick_until(widget, lambda: widget._job is None)
@@ -113,9 +120,13 @@ def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written,
 def test_a_folder_without_runs_and_an_empty_database_say_what_to_do(widget, monkeypatch, tmp_path):
     p = widget._parameterNode
     p.inputMode = "DICOM"
-    monkeypatch.setattr(slicer, "dicomDatabase", FakeDatabase({}), raising=False)
+    monkeypatch.setattr(slicer, "dicomDatabase", FakeDicomDatabase(tmp_path / "empty", {}), raising=False)
     widget.onListDicom()
-    assert widget._task is None and "holds no XA series" in widget.ui.dicomSummaryLabel.text
+    _tick_until(widget, lambda: widget._task is None, timeout=60)
+    assert "holds no XA series" in widget.ui.dicomSummaryLabel.text
+    monkeypatch.setattr(slicer, "dicomDatabase", None, raising=False)
+    widget.onListDicom()
+    assert widget._task is None and "No DICOM database is open" in widget.ui.dicomSummaryLabel.text
     p.dicomUseDatabase = False
     widget.onListDicom()
     assert widget._task is None and "Choose a folder" in widget.ui.dicomSummaryLabel.text

@@ -8,6 +8,7 @@ on a Python too old for the engine, background input checks, and the main-thread
 import pathlib
 import shutil
 import sys
+import threading
 import time
 import warnings
 
@@ -221,6 +222,10 @@ def test_a_python_too_old_for_the_engine_gets_a_plain_message(monkeypatch, scene
     widget.onApplyButton()
     assert widget._job is None
     assert "needs Python 99.0" in module._record.named("errorDisplay")[0][1][0]
+    assert "remote DRGS4D server" in widget.ui.statusLabel.text
+    p.engine = "remote server"  # the remote engine needs no local engine: the panel goes on to the server settings
+    widget.onApplyButton()
+    assert "URL and token" in module._record.named("errorDisplay")[1][1][0]
     widget.cleanup()
 
 
@@ -275,13 +280,18 @@ def test_the_rules_reject_what_slicer_rejects(monkeypatch, scene, tmp_path, vers
 
 # ---- background checks and main-thread time ----------------------------------------------------------------------
 
+WAIT_LIMIT_S = 2.0  # wall-clock bound of one call: catches a handler that waits (for a process, a thread) idly
+
+
 def _tick_until(widget, done, timeout=120.0):
-    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s)."""
+    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s).  No tick may wait
+    either (wall clock)."""
     durations, deadline = [], time.monotonic() + timeout
     while not done():
-        t0 = time.thread_time()  # CPU time of this (the main) thread: stable on a busy machine
+        t0, w0 = time.thread_time(), time.perf_counter()  # CPU time of this (the main) thread: stable when busy
         widget.onPollWorker()
         durations.append(time.thread_time() - t0)
+        assert time.perf_counter() - w0 < WAIT_LIMIT_S
         assert time.monotonic() < deadline
         time.sleep(0.01)
     return durations
@@ -443,3 +453,122 @@ def test_engine_choice_shows_the_server_settings_from_the_application_settings(m
     assert not widget.ui.testConnectionButton.enabled and not widget.ui.listDicomButton.enabled
     widget.cleanup()
     sys.modules.pop("DRGS4DSlicer", None)
+
+
+# ---- nothing slow in the main thread: scene-volume export, demo phantom -----------------------------------------
+
+def _main_thread_time(call):
+    """Main-thread CPU time of ``call()`` (s); it must not wait idly either."""
+    t0, w0 = time.thread_time(), time.perf_counter()
+    call()
+    assert time.perf_counter() - w0 < WAIT_LIMIT_S, "the handler waited"
+    return time.thread_time() - t0
+
+
+def _scene_volumes(scene, fill, mask, spacing=(0.3, 0.3, 1.0)):
+    nodes = []
+    for name, array in (("fill", fill), ("mask", mask)):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, array)
+        node.SetSpacing(*spacing)
+        nodes.append(node)
+    return nodes
+
+
+def _record_threads(monkeypatch, owner, name):
+    threads, original = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: threads.append(threading.current_thread()) or original(*a, **k))
+    return threads
+
+
+def test_scene_volumes_are_described_from_files_written_in_the_background(monkeypatch, scene, tmp_path, tiny_case,
+                                                                         worker_env):
+    """Check inputs in the scene-volumes mode: the tiny phantom's runs as scene volumes are written by a background
+    thread, then described by the worker, with every handler and tick short."""
+    from drgs_core.io import read_stack
+
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, value)
+    module = load_module(monkeypatch, scene, tmp_path, "5.12")
+    threads = _record_threads(monkeypatch, module.inputs, "write_volume_snapshots")
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    p = widget._parameterNode
+    p.inputMode = "scene volumes"
+    p.fillVolume, p.maskVolume = _scene_volumes(scene, read_stack(pathlib.Path(tiny_case) / "fill_run.nii.gz"),
+                                                read_stack(pathlib.Path(tiny_case) / "mask_run.nii.gz"))
+    p.geometryFile = pathlib.Path(tiny_case) / "transforms.json"
+    assert _main_thread_time(widget.onCheckInputs) < 0.1
+    assert widget._task[0] == "export" and "background" in widget.ui.inputSummaryLabel.text
+    assert not widget.ui.inputsCollapsibleButton.enabled and not widget.ui.applyButton.enabled
+    ticks = _tick_until(widget, lambda: widget._task is None)
+    assert max(ticks) < 0.1
+    assert threads and threading.main_thread() not in threads
+    assert "16 frames" in widget.ui.inputSummaryLabel.text, widget.ui.inputSummaryLabel.text
+    assert widget.ui.inputsCollapsibleButton.enabled and p.nFrames == 16
+    widget.cleanup()
+
+
+def test_export_and_start_of_a_256_cubed_scene_volume_run_keep_the_main_thread_free(monkeypatch, scene, tmp_path):
+    """Reconstruct with two 256^3 scene volumes: the click and every tick stay under 100 ms of main-thread time;
+    the volumes land in the run's inputs folder and the request points at them."""
+    module = load_module(monkeypatch, scene, tmp_path, "5.12")
+    threads = _record_threads(monkeypatch, module.inputs, "write_volume_snapshots")
+    from DRGS4DSlicerLib.job import ReconstructionJob
+
+    started = []  # the request the panel would run, as an unstarted job (nothing to train here)
+    monkeypatch.setattr(module.DRGS4DSlicerLogic, "startRequest", lambda self, request, runDir, name, p,
+                        onPreviewVolume=None: started.append(request) or ReconstructionJob(scene, request, runDir))
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    p = widget._parameterNode
+    big = np.random.default_rng(1).random((256, 256, 256), dtype=np.float32)
+    p.inputMode, p.useExternalPython, p.outputFolder = "scene volumes", True, tmp_path / "out"
+    p.pythonExecutable = pathlib.Path(sys.executable)
+    p.fillVolume, p.maskVolume = _scene_volumes(scene, big, 0.5 * big)
+    p.geometryFile = tmp_path / "transforms.json"
+    p.geometryFile.write_text("{}")
+    assert _main_thread_time(widget.onApplyButton) < 0.1
+    assert widget._task[0] == "export" and not widget.ui.applyButton.enabled
+    ticks = _tick_until(widget, lambda: widget._task is None)
+    assert max(ticks) < 0.1, sorted(ticks)[-3:]
+    assert threads and threading.main_thread() not in threads
+    (request,) = started
+    folder = pathlib.Path(request["out"]) / "inputs"
+    assert (request["fill"], request["mask"]) == (str(folder / "fill_run.nrrd"), str(folder / "mask_run.nrrd"))
+    import SimpleITK as sitk
+
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(request["mask"]))[100], 0.5 * big[100])
+    assert widget._job is not None and not module._record.named("errorDisplay")
+    widget.cleanup()
+
+
+def test_sample_data_makes_the_demo_phantom_in_the_background(monkeypatch, scene, tmp_path, worker_env):
+    """The SampleData entry returns at once; the worker writes the phantom; the panel then points at it."""
+    import types
+
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, value)
+    module = load_module(monkeypatch, scene, tmp_path, "5.10")
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    representation = types.SimpleNamespace(self=lambda: widget)  # qSlicerScriptedLoadableModuleWidget.self()
+    monkeypatch.setattr(slicer.modules, "drgs4dslicer",
+                        types.SimpleNamespace(widgetRepresentation=lambda: representation), raising=False)
+    selected = []
+    monkeypatch.setattr(slicer.util, "selectModule", lambda name: selected.append(name) or widget.enter())
+    nodes = []
+    assert _main_thread_time(lambda: nodes.append(module.makeDemoPhantom(None))) < 0.1
+    assert nodes == [[]] and selected == ["DRGS4DSlicer"]  # entering the module started the probe: it gave way
+    assert widget._task[0] == "phantom" and "background" in widget.ui.statusLabel.text
+    assert not widget.ui.inputsCollapsibleButton.enabled and not widget.ui.applyButton.enabled
+    module.makeDemoPhantom(None)  # a second request while the first runs is refused, not stacked
+    assert "busy" in widget.ui.statusLabel.text
+    ticks = _tick_until(widget, lambda: widget._task is None, timeout=300)
+    assert max(ticks) < 0.1
+    p = widget._parameterNode
+    assert p.inputMode == "case folder" and p.preset == "tiny", widget.ui.statusLabel.text
+    assert (pathlib.Path(p.caseFolder) / "transforms.json").is_file() and "ready" in widget.ui.statusLabel.text
+    assert widget.ui.applyButton.enabled and widget.ui.inputsCollapsibleButton.enabled
+    assert widget._probe is not None and widget._probe["event"] == "probe"  # the device list was filled after all
+    widget.cleanup()
