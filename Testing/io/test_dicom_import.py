@@ -112,3 +112,22 @@ def test_biplane_plane_b_needs_an_explicit_choice(tmp_path, phantom):
     mask = next(r for r in runs if r.path == str(paths["mask"]))
     result = import_dicom(tmp_path / "dicom", fill=fill.id, mask=mask.series_uid, grid=phantom.grid)
     assert result.pair.fill.plane == "B"
+
+
+def test_one_instance_is_read_and_decoded_once(tmp_path, phantom, monkeypatch):
+    """Both rotations in one file: the pixel data is read once for fill and mask, not once per run."""
+    import pydicom
+
+    case_to_dicom(phantom, tmp_path / "dicom", style="ge", one_instance="jump")
+    reads = []
+    real = pydicom.dcmread
+
+    def counting(path, *args, **kwargs):
+        if not kwargs.get("stop_before_pixels"):
+            reads.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", counting)
+    result = import_dicom(tmp_path / "dicom", grid=phantom.grid)
+    assert len(reads) == 1, reads
+    assert np.abs(result.case.dsa - phantom.dsa).max() < 0.01

@@ -646,9 +646,13 @@ def listing(sources) -> dict:
 
 # ---- pixels ---------------------------------------------------------------------------------------------------
 
-def _frames(run: Run) -> np.ndarray:
+def _frames(run: Run, decoded: dict | None = None) -> np.ndarray:
     """The run's frames [n, H, W] as linear float32 intensities (exact for 16-bit data), in DICOM pixel
-    orientation."""
+    orientation.  decoded: {path: all frames} shared by the runs of one instance (both rotations in one file),
+    so that its pixel data is decoded once."""
+    if decoded is not None and run.path in decoded:
+        start, stop = run.frames
+        return np.array(decoded[run.path][start:stop], dtype=np.float32)
     pydicom = _pydicom()
     ds = pydicom.dcmread(run.path)
     try:
@@ -664,8 +668,10 @@ def _frames(run: Run) -> np.ndarray:
         pixels = apply_modality_lut(pixels, ds)
     if pixels.ndim == 2:
         pixels = pixels[None]
+    if decoded is not None:
+        decoded[run.path] = pixels
     start, stop = run.frames
-    return np.asarray(pixels[start:stop], dtype=np.float32)
+    return np.array(pixels[start:stop], dtype=np.float32)
 
 
 def _sanity(fill: np.ndarray, mask: np.ndarray, valid: np.ndarray, pair: Pair) -> None:
@@ -714,8 +720,10 @@ def import_dicom(sources, fill: str | None = None, mask: str | None = None, grid
     runs = list_runs(sources)
     pair = choose_pair(runs, fill=fill, mask=mask)
     f, m = pair.fill, pair.mask
-    fill_px = _frames(f)
-    mask_px = _frames(m)[pair.order]
+    decoded = {}
+    fill_px = _frames(f, decoded)
+    mask_px = _frames(m, decoded)[pair.order]
+    del decoded
     if fill_px.shape != mask_px.shape or fill_px.shape[1:] != (f.rows, f.columns):
         raise DRGSInputError("the pixel data does not match the headers", f"fill {list(fill_px.shape)}, "
                              f"mask {list(mask_px.shape)}, Rows x Columns {f.rows} x {f.columns}",
