@@ -8,7 +8,8 @@ Gaussians with a scale <= 0, a zero quaternion or non-finite parameters contribu
 One kernel, forward only.  Program (i, s) of a (P, split) launch grid evaluates Gaussian i: in float64 it
 normalises the quaternion, forms m (row k = Rq[:, k] / s_k, so q = sum_k (m_k . (x - mu))^2 has no
 cancellation) and the clipped voxel box (the division of csrc's `voxel_range`, then the boundary voxels
-re-checked with the literal rule as `common.footprint_range` does); it then walks blocks s, s + split, ... of
+re-checked with the literal rule as `common.footprint_range` does: the division rounds a centre that lies on
+a box face to either side); it then walks blocks s, s + split, ... of
 BLOCK voxels of that box (z fastest, so neighbouring lanes hit neighbouring addresses) and atomically adds
 rho exp(-q/2) into the float32 volume (q in float64 as csrc, exp in float32).  `split` > 1 spreads a large box
 over several programs when there are few Gaussians; sizes come from P and the grid only, so there is no host
@@ -16,6 +17,8 @@ synchronisation.  Float atomics: the summation order varies, volumes are not bit
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -28,6 +31,9 @@ BLOCK = 256                 # voxels per step of one program's box walk
 MIN_PROGRAMS = 1 << 16      # few Gaussians: split boxes until at least this many programs run (GPU occupancy)
 MAX_SPLIT = 65535           # CUDA's limit on the second launch-grid dimension
 MAX_VOXELS = 2**31 - 1 - BLOCK   # box indices are int32
+# no FMA contraction: voxel centres o + k sp then round as the reference's (numpy) axes do, so that a centre on
+# a box face is decided alike (the interpreter takes no such option and never contracts)
+_NO_FMA = {} if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -145,7 +151,7 @@ def _voxel_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, grid_ptr, vol_ptr, n0
         val = rho * tl.exp(-0.5 * q)
         # exp underflows to 0 far out in thin boxes: skip those atomics
         addr = (ix.to(tl.int64) * n1 + iy) * n2 + iz
-        tl.atomic_add(vol_ptr + addr, val, mask=(k < count) & (val != 0.0))
+        tl.atomic_add(vol_ptr + addr, val, mask=(k < count) & (val != 0.0), sem="relaxed")
 
 
 def default_split(P: int, n_voxels: int) -> int:
@@ -176,5 +182,6 @@ def voxelize(means, scales, rotations, rho, first_voxel_centre, spacing, resolut
     with torch.no_grad(), on_device(means):
         _voxel_kernel[(P, split)](means.detach().contiguous(), scales.detach().contiguous(),
                                   rotations.detach().contiguous(), rho.detach().contiguous(), gp, volume,
-                                  n[0], n[1], n[2], SIGMAS=float(FOOTPRINT_SIGMAS), BLOCK=BLOCK, num_warps=4)
+                                  n[0], n[1], n[2], SIGMAS=float(FOOTPRINT_SIGMAS), BLOCK=BLOCK, num_warps=4,
+                                  **_NO_FMA)
     return volume
