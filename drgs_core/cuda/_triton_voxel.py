@@ -5,15 +5,15 @@
 voxel centre x counted for Gaussian i iff |x_d - mu_d| <= 3 sqrt(Sigma_dd) on every axis d (FOOTPRINT_SIGMAS);
 Gaussians with a scale <= 0, a zero quaternion or non-finite parameters contribute nothing.
 
-One kernel, forward only.  Program (i, s) of a (P, split) launch grid evaluates Gaussian i: in float64 it
-normalises the quaternion, forms m (row k = Rq[:, k] / s_k, so q = sum_k (m_k . (x - mu))^2 has no
-cancellation) and the clipped voxel box (the division of csrc's `voxel_range`, then the boundary voxels
-re-checked with the literal rule as `common.footprint_range` does: the division rounds a centre that lies on
-a box face to either side); it then walks blocks s, s + split, ... of
-BLOCK voxels of that box (z fastest, so neighbouring lanes hit neighbouring addresses) and atomically adds
-rho exp(-q/2) into the float32 volume (q in float64 as csrc, exp in float32).  `split` > 1 spreads a large box
-over several programs when there are few Gaussians; sizes come from P and the grid only, so there is no host
-synchronisation.  Float atomics: the summation order varies, volumes are not bit-reproducible (~1e-7 relative).
+One kernel, forward only.  Program (i, s) of a (P, split) launch grid evaluates Gaussian i.  In float64 it
+normalises the quaternion, forms m (row k = Rq[:, k] / s_k, so that q = sum_k (m_k . (x - mu))^2 has no
+cancellation) and the clipped voxel box: the division of csrc's `voxel_range`, then the boundary voxels
+re-checked with the literal rule as `common.footprint_range` does (the division can round a centre lying on a
+box face to either side).  It then walks blocks s, s + split, ... of BLOCK voxels of that box (z fastest, so
+that neighbouring lanes hit neighbouring addresses) and atomically adds rho exp(-q/2) into the float32 volume
+(q in float64 as in csrc, exp in float32).  split > 1 spreads large boxes over several programs when there are
+few Gaussians.  Sizes come from P and the grid only: no host synchronisation.  Float atomics: the summation
+order varies, so volumes are not bit-reproducible (~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ def _axis_range(mu, half, o, sp, n):
     nf = n.to(tl.float64)
     lo = tl.ceil((mu - half - o) / sp)
     hi = tl.floor((mu + half - o) / sp)
-    lo = tl.minimum(tl.maximum(lo, -1.0), nf + 1.0)   # keeps the int conversion in range
-    hi = tl.minimum(tl.maximum(hi, -2.0), nf + 1.0)
-    first = tl.minimum(tl.maximum(lo, 0.0), nf).to(tl.int32)
+    first = tl.minimum(tl.maximum(lo, 0.0), nf).to(tl.int32)    # clamped first: +-inf convert safely
     last = tl.minimum(tl.maximum(hi, -1.0), nf - 1.0).to(tl.int32)
     # the division can round a boundary centre to the wrong side: decide those with the literal rule
     lower = first - 1
@@ -165,8 +163,8 @@ def voxelize(means, scales, rotations, rho, first_voxel_centre, spacing, resolut
     first_voxel_centre + index * spacing (mm, per axis; resolution (nx, ny, nz)).
 
     means [P, 3] mm, scales [P, 3] mm (std devs), rotations [P, 4] (w, x, y, z, any norm), rho [P] 1/mm, all
-    float32 on one device (a GPU, or the CPU under TRITON_INTERPRET=1); at most MAX_VOXELS voxels.  split: programs per Gaussian (None:
-    `default_split`).  Forward only: no gradient flows.
+    float32 on one device (a GPU, or the CPU under TRITON_INTERPRET=1); at most MAX_VOXELS voxels.
+    split: programs per Gaussian (None: `default_split`).  Forward only: no gradient flows.
     """
     n = [int(v) for v in resolution]
     if n[0] * n[1] * n[2] > MAX_VOXELS:
@@ -176,8 +174,11 @@ def voxelize(means, scales, rotations, rho, first_voxel_centre, spacing, resolut
     P = int(means.shape[0])
     if P == 0:
         return volume
+    # grid parameters in float64 (a Python float reaches a Triton kernel as float32); pinned and non-blocking,
+    # so that the copy does not wait for the GPU
+    cuda = dev.type == "cuda"
     gp = torch.tensor([float(v) for v in first_voxel_centre] + [float(v) for v in spacing], dtype=torch.float64,
-                      device=dev)
+                      pin_memory=cuda).to(dev, non_blocking=True)
     split = default_split(P, volume.numel()) if split is None else max(1, min(int(split), MAX_SPLIT))
     with torch.no_grad(), on_device(means):
         _voxel_kernel[(P, split)](means.detach().contiguous(), scales.detach().contiguous(),
