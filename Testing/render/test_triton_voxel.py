@@ -130,7 +130,8 @@ def _face_cases(n_cases=12, seed=1):
             lo = np.ceil((mu[d] - half[d] - o[d]) / sp[d])
             hi = np.floor((mu[d] + half[d] - o[d]) / sp[d])
             wrong += int(((idx >= lo) & (idx <= hi) != literal).any())
-        gauss = (torch.tensor(mu[None]), torch.tensor(s[None]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]), torch.tensor([0.05]))
+        gauss = (torch.tensor(mu[None]), torch.tensor(s[None]), torch.tensor([[1.0, 0.0, 0.0, 0.0]]),
+                 torch.tensor([0.05]))
         cases.append((grid, tuple(t.float() for t in gauss)))
     return cases, wrong
 
