@@ -21,7 +21,7 @@ _SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from drgs_core.cuda import _triton_hashgrid, _triton_raster
+    from drgs_core.cuda import _triton_hashgrid, _triton_raster, _triton_voxel
 
     f32, i32 = "*fp32", "*i32"
     target = GPUTarget("cuda", 90, 32)
@@ -48,6 +48,10 @@ _SCRIPT = textwrap.dedent('''
                    gtable_ptr=f32, gx_ptr=f32, P="i32", table_mask="i32"),
               dict(D=4, F=2, L=4, BACKWARD=backward, NEED_TABLE=backward, NEED_X=backward,
                    BLOCK=_triton_hashgrid.BLOCK), **_triton_hashgrid._NO_FMA)
+    build(_triton_voxel._voxel_kernel,
+          dict(means_ptr=f32, scales_ptr=f32, rot_ptr=f32, rho_ptr=f32, grid_ptr="*fp64", vol_ptr=f32,
+               n0="i32", n1="i32", n2="i32"),
+          dict(SIGMAS=3.0, BLOCK=_triton_voxel.BLOCK), **_triton_voxel._NO_FMA)
 ''')
 
 
@@ -62,4 +66,4 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 8, proc.stdout
+    assert proc.stdout.count("compiled") == 9, proc.stdout

@@ -4,8 +4,7 @@ are needed.  Same functions as the "cuda-ext" backend (`_wrapper.py`); see `drgs
 
 Coverage: rasteriser forward/backward (`_triton_raster`, projection fused into the kernels) and hash-grid
 encoding forward/backward (`_triton_hashgrid`) are Triton kernels, free of host synchronisation (the training
-step is captured in a CUDA graph as with "cuda-ext"); the voxeliser runs the PyTorch reference on the GPU (it
-runs once per reconstruction, ~0.1 s at paper size with the compiled kernels).
+step is captured in a CUDA graph as with "cuda-ext"); so is the voxeliser (`_triton_voxel`, forward only).
 """
 
 from __future__ import annotations
@@ -96,11 +95,19 @@ def rasterize(means, scales, rotations, rho, camera, means2d=None, pair_capacity
 
 
 def voxelize(means, scales, rotations, rho, grid, chunk=None) -> torch.Tensor:
-    """The PyTorch reference voxeliser, on the inputs' device (see the module docstring)."""
-    from ..render import torch_ref
+    """Volume [nx, ny, nz] (1/mm) of the Gaussians on `grid` (METHOD §7) by the Triton kernel; forward only:
+    when a gradient is needed, or for non-float32 inputs, the differentiable torch reference runs.  chunk only
+    applies to that reference."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means, scales, rotations, rho))
+    if needs_grad or not _float32(means, scales, rotations, rho):
+        from ..render import torch_ref
 
-    kwargs = {} if chunk is None else {"chunk": chunk}
-    return torch_ref.voxelize(means, scales, rotations, rho, grid, **kwargs)
+        kwargs = {} if chunk is None else {"chunk": chunk}
+        return torch_ref.voxelize(means, scales, rotations, rho, grid, **kwargs)
+    from . import _triton_voxel
+
+    return _triton_voxel.voxelize(means, scales, rotations, rho, grid.first_voxel_centre, grid.spacing,
+                                  grid.resolution)
 
 
 def hashgrid_supports(encoding, x: torch.Tensor) -> bool:
