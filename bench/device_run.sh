@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install missing wheels, build the CUDA extension, run the GPU tests and the benchmarks.
 #   bash bench/device_run.sh STAGES...     stages: info build test kbench e2e paper paper1024 profile nokit
+#                                          step (bench_step.py, both backends) quality (QUALITY_ARGS for quality.py)
+# BUDGET_S=N: every stage's time limit is cut so that the whole call ends within N seconds of its start.
 # nokit: the toolkit-free path proved from `pip install` in a stripped environment (no CUDA_HOME, no nvcc on
 # PATH, extension disabled): Triton GPU tests + bench_paper --backend triton (set NOKIT_BENCH=0 to skip it).
 # Logs go to $OUT (the device tool's output folder) or bench/out.  Carry .whl (SimpleITK, nibabel, pynrrd).
@@ -21,6 +23,15 @@ else
 fi
 STAGES=${*:-info build test kbench}
 t_all=$(date +%s)
+left() {  # seconds left for a stage: min(wanted, BUDGET_S - elapsed)
+  local want=$1
+  if [ -n "${BUDGET_S:-}" ]; then
+    local rest=$(( BUDGET_S - ($(date +%s) - t_all) ))
+    [ $rest -lt $want ] && want=$rest
+  fi
+  [ $want -lt 1 ] && want=1
+  echo $want
+}
 for stage in $STAGES; do
   t0=$(date +%s)
   echo "=== $stage ($(date +%T))"
@@ -39,7 +50,7 @@ assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FA
       ;;
     test)
       DRGS4D_REQUIRE_CUDA_EXT=1 DRGS4D_TEST_BACKENDS=${TEST_BACKENDS:-cuda-ext,triton} \
-        $PY -m pytest Testing/gpu -q -x -p no:cacheprovider -m "gpu and not slow" \
+        timeout $(left 900) $PY -m pytest Testing/gpu ${TEST_EXTRA:-} -q ${TEST_X--x} -p no:cacheprovider -m "gpu and not slow" \
         -o addopts="" --durations=8 2>&1 | tee "$OUT/tests.log" | tail -40
       ;;
     testall)
@@ -56,8 +67,15 @@ assert m is not None" 2>&1 | tee "$OUT/build.log" | tail -20 || { echo "BUILD FA
     kbenchq)
       $PY bench/bench_kernels.py --quick 2>&1 | tee "$OUT/kernels.log" | tail -30
       ;;
+    step)
+      timeout $(left 120) $PY bench/bench_step.py --backends cuda-ext triton ${STEP_ARGS:-} 2>&1 | tee "$OUT/step.log" | tail -12
+      ;;
+    quality)
+      ( cd bench && timeout $(left 1200) $PY quality.py --no-append --out /tmp/quality ${QUALITY_ARGS:-} 2>&1 ) \
+        | tee "$OUT/quality.log" | grep -E "^\||density:|iso level" | cut -c1-700
+      ;;
     paper|paper1024)
-      timeout ${PAPER_TIMEOUT:-1200} $PY bench/bench_paper.py --preset $stage --out /tmp/bench_out --results "$OUT/RESULTS_rows.md" ${PAPER_ARGS:-} 2>&1 \
+      timeout $(left ${PAPER_TIMEOUT:-1200}) $PY bench/bench_paper.py --preset $stage --out /tmp/bench_out --results "$OUT/RESULTS_rows.md" ${PAPER_ARGS:-} 2>&1 \
         | tee "$OUT/$stage.log" | tail -40
       ;;
     profile)
@@ -87,11 +105,11 @@ assert c.active_backend('cuda') == 'triton'" )
         if [ "${NOKIT_STEP:-0}" = 1 ]; then  # quick graph-step rate on a synthetic scene
           ( cd /tmp && $KIT $PYBIN $REPO/bench/bench_step.py --backends triton 2>&1 | tail -5 )
         fi
-        ( cd /tmp && $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $REPO/Testing/gpu \
+        ( cd /tmp && timeout $(left 300) $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $REPO/Testing/gpu \
             $REPO/Testing/render/test_render_backends.py -q -p no:cacheprovider -m "not slow" -o addopts="" \
             --rootdir=$REPO --durations=5 ${NOKIT_K:+-k "$NOKIT_K"} 2>&1 | tail -25 )
         if [ "${NOKIT_BENCH:-1}" = 1 ]; then
-          ( cd /tmp && $KIT $PYBIN $REPO/bench/bench_paper.py --backend triton --reuse-phantom --out /tmp/bench_out \
+          ( cd /tmp && timeout $(left 300) $KIT $PYBIN $REPO/bench/bench_paper.py --backend triton --reuse-phantom --out /tmp/bench_out \
             --results "$OUT/RESULTS_rows.md" 2>&1 | tail -12 )
         fi
       } 2>&1 | tee "$OUT/nokit.log" | tail -60

@@ -126,7 +126,8 @@ def _hash_kernel(x_ptr, table_ptr, res_ptr, off_ptr, hashed_ptr, out_ptr, gout_p
             w = w0 * w1 * w2 * w3
             if BACKWARD:
                 if NEED_TABLE:
-                    tl.atomic_add(gtable_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm)
+                    tl.atomic_add(gtable_ptr + row[:, None] * F + feat[None, :], w[:, None] * g, mask=fm,
+                                  sem="relaxed")
                 if NEED_X:
                     dot = tl.sum(g * tl.load(ptrs, mask=fm, other=0.0), axis=1) * Nf
                     gx0 += dot * _dweight(b, 0, ones) * w1 * w2 * w3

@@ -333,7 +333,7 @@ def _splat_kernel(prm_ptr, box_ptr, img_ptr, sums_ptr, W, BACKWARD: tl.constexpr
             dy = py.to(tl.float32) - v
             t = dx + r * dy
             e = tl.exp(-0.5 * (A * t * t + D * dy * dy))
-            tl.atomic_add(img_ptr + py.to(tl.int64) * W + px, w * e, mask=k < area)
+            tl.atomic_add(img_ptr + py.to(tl.int64) * W + px, w * e, mask=k < area, sem="relaxed")
     else:
         # lane-wise sums; s = -1/2 g w e = dLoss/dq at a pixel
         acc_w = tl.zeros([BLOCK], dtype=tl.float32)     # sum g e
