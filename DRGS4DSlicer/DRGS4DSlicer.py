@@ -260,6 +260,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._dicomListing = None  # dicom_runs.RunListing of the last listing
         self._installing = False
         self._probe = None  # the last probe event
+        self._probeGaveWay = False  # a probe was stopped for another task: run it again when the slot is free
         self._lastSchedule = None
         self._lastPreset = None
         self._thresholdRangeFor = None  # the volume (ID, modified time) the threshold range was taken from
@@ -514,6 +515,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:  # a check still running (e.g. the probe) when Reconstruct needs the slot
             log.info("stopping the background %s to start %s", self._task[0], kind)
             self._task[1].cancel()
+            self._probeGaveWay = self._probeGaveWay or self._task[0] == "probe"
         self._task = (kind, command)
         self._timer.start()
         self._updateButtons()
@@ -899,7 +901,13 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _resultTaskFailed(self, text: str) -> None:
         self.ui.statusLabel.text = text
         slicer.util.errorDisplay(text, windowTitle=_("DRGS4D"))
-        self._probeOnce()  # a probe that gave way to the task
+        self._probeAgain()
+
+    def _probeAgain(self) -> None:
+        """Run the probe that gave way to a task once more, now that the task is over."""
+        if self._probeGaveWay:
+            self._probeGaveWay = False
+            self._probeOnce()
 
     def onApplyThreshold(self) -> None:
         p = self._parameterNode
@@ -923,7 +931,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      "left out)").format(count=f"{segment.voxels:,}", threshold=f"{segment.threshold:g}",
                                          specks=f"{segment.speck_voxels:,}")
         self.ui.statusLabel.text = text
-        self._probeOnce()
+        self._probeAgain()
 
     def onExportLabelmap(self) -> None:
         p = self._parameterNode
@@ -936,7 +944,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 reason=event.get("message")))
             return
         self.ui.statusLabel.text = _("Exported to {name}").format(name=event["result"].GetName())
-        self._probeOnce()
+        self._probeAgain()
 
     def onExportFiles(self) -> None:
         p = self._parameterNode
@@ -953,7 +961,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         files = event["result"]
         self.ui.statusLabel.text = _("Written: {folder}").format(folder=os.path.dirname(files[0]))
         slicer.util.infoDisplay(_("Written:\n{files}").format(files="\n".join(files)), windowTitle=_("DRGS4D"))
-        self._probeOnce()
+        self._probeAgain()
 
 
 def describeProbe(event: dict) -> str:

@@ -25,10 +25,6 @@ from .protocol import tr
 
 log = logging.getLogger("DRGS4D.vessels")
 
-#: the engine's speck rule (drgs_core.specks): components below this size that lie farther than GAP_MM from a larger
-#: one are dropped; "auto" scales the size with the segmentation
-SPECK_VOXELS = "auto"
-GAP_MM = 3.0
 #: windowed-sinc smoothing of the voxel-staircase surface (a few iterations keep thin vessels' shape)
 SMOOTHING_ITERATIONS = 15
 SMOOTHING_PASS_BAND = 0.05
@@ -72,15 +68,16 @@ def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
 
 
 def remove_specks(array_kji: np.ndarray, threshold: float, spacing_kji) -> tuple[np.ndarray, int]:
-    """(segmentation ``array >= threshold`` without the isolated specks, voxels removed) by the engine's rule
-    (drgs_core.specks); without the engine's modules here every component is kept (a note in the log)."""
+    """(segmentation ``array >= threshold`` without the isolated specks, voxels removed) by the engine's rule with its
+    defaults (drgs_core.specks: small components farther than a few mm from a larger one; the engine's own labelmap
+    at its iso-level is the same); without the engine's modules here every component is kept (a note in the log)."""
     try:
         from drgs_core.specks import drop_specks
     except ImportError as exc:  # an engine without SciPy in this interpreter: the plain threshold
         log.info("isolated specks are kept (%s)", exc)
         mask = np.asarray(array_kji) >= threshold
         return mask, 0
-    _, mask, info = drop_specks(array_kji, threshold, SPECK_VOXELS, spacing_kji, GAP_MM)
+    _, mask, info = drop_specks(array_kji, threshold, spacing=spacing_kji)
     return mask, int(info["dropped_voxels"])
 
 
