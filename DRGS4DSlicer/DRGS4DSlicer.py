@@ -39,11 +39,10 @@ except ImportError:  # Slicer < 5.4
         return text
 
 from DRGS4DSlicerLib import deps, dicom_runs, inputs, process, protocol, remote, vessels
-from DRGS4DSlicerLib import scene as scene_module
 
 protocol.translate = _  # the library's status texts go through Slicer's translation too
 from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
-from DRGS4DSlicerLib.scene import SceneUpdater
+from DRGS4DSlicerLib.scene import SEGMENT_ID, SceneUpdater
 
 log = logging.getLogger("DRGS4D")
 
@@ -233,7 +232,8 @@ class ThreadTask:
             return {"event": "error", "message": str(exc) or type(exc).__name__}
 
     def cancel(self) -> None:
-        self._future.cancel()  # a call already running ends by its own timeout
+        self._future.cancel()  # a call already running ends in its thread (network calls by their timeout); its
+        # result is dropped, and ``finish`` does not run
 
 
 #
@@ -1257,8 +1257,7 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         back) by a background thread; the result is the list of paths."""
         updater = self._segmented(volumeNode, segmentationNode)
         return ThreadTask(vessels.write_export_files, updater.labelmap_snapshot(),
-                          self._exportFolder(volumeNode, runFolder), scene_module.file_stem(updater.run_name),
-                          scene_module.SEGMENT_ID)
+                          self._exportFolder(volumeNode, runFolder), updater.file_stem, SEGMENT_ID)
 
     @staticmethod
     def showImageInSliceView(imageNode, viewName: str = "Yellow") -> None:

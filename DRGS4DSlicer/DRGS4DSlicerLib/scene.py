@@ -676,10 +676,15 @@ class SceneUpdater:
         """Export the vessel segment to a labelmap volume node on the final volume's grid, here and now (scripts)."""
         return self.apply_labelmap(vessels.labelmap_from_snapshot(self.labelmap_snapshot()), name)
 
+    @property
+    def file_stem(self) -> str:
+        """The run's name as the stem of export file names."""
+        return file_stem(self.run_name)
+
     def export_segmentation_files(self, folder: str | os.PathLike) -> list[str]:
         """Write the vessel segment as labelmap NRRD, .seg.nrrd and surface STL (LPS) into ``folder``, here and now
         (scripts; the panel writes them in a background thread)."""
-        return vessels.write_export_files(self.labelmap_snapshot(), folder, file_stem(self.run_name), SEGMENT_ID)
+        return vessels.write_export_files(self.labelmap_snapshot(), folder, self.file_stem, SEGMENT_ID)
 
 
 def segmentation_mask(labelmap_path, volume_path, threshold, iso):

@@ -2,8 +2,9 @@
 GUI <-> parameter node, under stand-ins that bind widgets by the connector rules of each supported Slicer release
 (slicer_standins.CONNECTOR_RULES), with the real MRML classes and Slicer's real VTKObservationMixin (slicer-core),
 which warns when an observer is removed twice.  Also: the threshold range, the device list from --probe, the message
-on a Python too old for the engine, background input checks, and the main-thread time of every timer tick while a
-256^3 result streams in."""
+on a Python too old for the engine, background input checks, and the main-thread time of every click and timer tick
+while a 256^3 result streams in, scene volumes are written, the demo phantom is made, and the Results section
+segments, exports and writes a 256^3 result."""
 
 import pathlib
 import shutil
@@ -673,7 +674,9 @@ def test_threshold_and_exports_of_a_256_cubed_result_keep_the_main_thread_free(m
     run(widget.onExportLabelmap, "labelmap")
     labelmap = scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, mask)
-    assert module.scene_module.ijk_to_ras_of(labelmap).tolist() == module.scene_module.ijk_to_ras_of(volume).tolist()
+    from DRGS4DSlicerLib.scene import ijk_to_ras_of
+
+    np.testing.assert_array_equal(ijk_to_ras_of(labelmap), ijk_to_ras_of(volume))
 
     run(widget.onExportFiles, "files")
     written = sorted((tmp_path / "run" / "export").iterdir())
