@@ -38,11 +38,11 @@ except ImportError:  # Slicer < 5.4
     def translate(context, text):
         return text
 
-from DRGS4DSlicerLib import deps, dicom_runs, inputs, process, protocol, remote
+from DRGS4DSlicerLib import deps, dicom_runs, inputs, process, protocol, remote, vessels
 
 protocol.translate = _  # the library's status texts go through Slicer's translation too
 from DRGS4DSlicerLib.job import ReconstructionJob, find_checkpoint, make_request, new_run_dir
-from DRGS4DSlicerLib.scene import SceneUpdater
+from DRGS4DSlicerLib.scene import SEGMENT_ID, SceneUpdater
 
 log = logging.getLogger("DRGS4D")
 
@@ -186,8 +186,10 @@ def _path(value) -> Optional[str]:
     return None if text in ("", ".") else text
 
 
-# Background tasks during which the inputs must not change (their result is applied to them).
-BLOCKING_TASKS = ("export", "phantom")
+# Background tasks during which the inputs and results must not change (their result is applied to them).
+BLOCKING_TASKS = ("export", "phantom", "threshold", "labelmap", "files")
+# Background tasks whose result goes into the scene's nodes: a closing scene drops them.
+SCENE_TASKS = ("export", "threshold", "labelmap")
 
 
 class ListingTask:
@@ -209,10 +211,12 @@ class ListingTask:
 
 
 class ThreadTask:
-    """A blocking call (network I/O) in a background thread: ``poll()`` gives None while it runs, then
-    ``{"event": "result", "result"}`` or an ``error`` event."""
+    """A slow call (network or file I/O, voxel and mesh work) in a background thread: ``poll()`` gives None while it
+    runs, then ``{"event": "result", "result"}`` or an ``error`` event.  ``finish(result)``, if given, runs in the
+    thread that polls (Slicer's main thread: the quick scene changes) and its return value is the result."""
 
-    def __init__(self, function, *args):
+    def __init__(self, function, *args, finish=None):
+        self._finish = finish
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drgs-panel")
         self._future = executor.submit(function, *args)
         executor.shutdown(wait=False)
@@ -221,12 +225,15 @@ class ThreadTask:
         if not self._future.done():
             return None
         try:
-            return {"event": "result", "result": self._future.result()}
+            result = self._future.result()
+            return {"event": "result", "result": self._finish(result) if self._finish else result}
         except Exception as exc:  # noqa: BLE001 - shown to the user
-            return {"event": "error", "message": str(exc)}
+            log.info("background task failed", exc_info=True)
+            return {"event": "error", "message": str(exc) or type(exc).__name__}
 
     def cancel(self) -> None:
-        self._future.cancel()  # a call already running ends by its own timeout
+        self._future.cancel()  # a call already running ends in its thread (network calls by their timeout); its
+        # result is dropped, and ``finish`` does not run
 
 
 #
@@ -253,6 +260,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._dicomListing = None  # dicom_runs.RunListing of the last listing
         self._installing = False
         self._probe = None  # the last probe event
+        self._probeGaveWay = False  # a probe was stopped for another task: run it again when the slot is free
         self._lastSchedule = None
         self._lastPreset = None
         self._thresholdRangeFor = None  # the volume (ID, modified time) the threshold range was taken from
@@ -327,7 +335,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._task is not None and self._task[0] == "export":  # its volumes are gone: do not start with them
+        if self._task is not None and self._task[0] in SCENE_TASKS:  # its nodes are going: drop what it would apply
             self._task[1].cancel()
             self._task, self._afterExport = None, None
         if self._job is not None and self._job.running:
@@ -507,6 +515,7 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._task is not None:  # a check still running (e.g. the probe) when Reconstruct needs the slot
             log.info("stopping the background %s to start %s", self._task[0], kind)
             self._task[1].cancel()
+            self._probeGaveWay = self._probeGaveWay or self._task[0] == "probe"
         self._task = (kind, command)
         self._timer.start()
         self._updateButtons()
@@ -596,7 +605,9 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onTaskDone(self, kind: str, event: dict) -> None:
         handlers = {"describe": self._onDescribed, "probe": self._onProbed, "dicom": self._onDicomListed,
-                    "connection": self._onConnectionChecked, "export": self._onExported, "phantom": self._onPhantomMade}
+                    "connection": self._onConnectionChecked, "export": self._onExported, "phantom": self._onPhantomMade,
+                    "threshold": self._onThresholdApplied, "labelmap": self._onLabelmapExported,
+                    "files": self._onFilesExported}
         handlers[kind](event)
 
     # -- DICOM input --
@@ -875,35 +886,82 @@ class DRGS4DSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 slicer.util.errorDisplay(message, windowTitle=_("DRGS4D"), detailedText=details)
 
-    def onApplyThreshold(self) -> None:
-        p = self._parameterNode
+    # -- results: the work runs in a background thread, the scene changes in the timer tick (ThreadTask.finish) --
+    def _startResultTask(self, kind: str, start, text: str) -> None:
+        if self._task is not None and self._task[0] in BLOCKING_TASKS:
+            return
         try:
-            with slicer.util.WaitCursor():
-                segmentation, count = self.logic.applyThreshold(p.resultVolume, p.resultSegmentation, p.threshold)
-        except Exception as exc:  # noqa: BLE001
+            task = start()
+        except Exception as exc:  # noqa: BLE001 - e.g. no result volume, no segmentation yet
             slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
             return
-        p.resultSegmentation = segmentation
-        self.ui.statusLabel.text = _("{count} vessel voxels at threshold {threshold} 1/mm").format(
-            count=f"{count:,}", threshold=f"{p.threshold:g}")
+        self.ui.statusLabel.text = text
+        self._startTask(kind, task)
+
+    def _resultTaskFailed(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        slicer.util.errorDisplay(text, windowTitle=_("DRGS4D"))
+        self._probeAgain()
+
+    def _probeAgain(self) -> None:
+        """Run the probe that gave way to a task once more, now that the task is over."""
+        if self._probeGaveWay:
+            self._probeGaveWay = False
+            self._probeOnce()
+
+    def onApplyThreshold(self) -> None:
+        p = self._parameterNode
+        threshold = float(p.threshold)
+        self._startResultTask(
+            "threshold", lambda: self.logic.startThreshold(p.resultVolume, p.resultSegmentation, threshold),
+            _("Segmenting the vessels at {threshold} 1/mm in the background...").format(threshold=f"{threshold:g}"))
+
+    def _onThresholdApplied(self, event: dict) -> None:
+        if event.get("event") != "result":
+            self._resultTaskFailed(_("The vessels could not be segmented: {reason}. What to do: check that the result "
+                                     "volume is still loaded and try another threshold.").format(
+                reason=event.get("message")))
+            return
+        segmentation, segment = event["result"]
+        self._params().resultSegmentation = segmentation
+        text = _("{count} vessel voxels at threshold {threshold} 1/mm").format(
+            count=f"{segment.voxels:,}", threshold=f"{segment.threshold:g}")
+        if segment.speck_voxels:
+            text = _("{count} vessel voxels at threshold {threshold} 1/mm ({specks} voxels of isolated specks "
+                     "left out)").format(count=f"{segment.voxels:,}", threshold=f"{segment.threshold:g}",
+                                         specks=f"{segment.speck_voxels:,}")
+        self.ui.statusLabel.text = text
+        self._probeAgain()
 
     def onExportLabelmap(self) -> None:
         p = self._parameterNode
-        try:
-            labelmap = self.logic.exportLabelmap(p.resultVolume, p.resultSegmentation)
-        except Exception as exc:  # noqa: BLE001
-            slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
+        self._startResultTask("labelmap", lambda: self.logic.startLabelmapExport(p.resultVolume, p.resultSegmentation),
+                              _("Exporting the segmentation to a labelmap in the background..."))
+
+    def _onLabelmapExported(self, event: dict) -> None:
+        if event.get("event") != "result":
+            self._resultTaskFailed(_("The segmentation could not be exported to a labelmap: {reason}").format(
+                reason=event.get("message")))
             return
-        self.ui.statusLabel.text = _("Exported to {name}").format(name=labelmap.GetName())
+        self.ui.statusLabel.text = _("Exported to {name}").format(name=event["result"].GetName())
+        self._probeAgain()
 
     def onExportFiles(self) -> None:
         p = self._parameterNode
-        try:
-            files = self.logic.exportFiles(p.resultVolume, p.resultSegmentation, p.lastRunFolder or None)
-        except Exception as exc:  # noqa: BLE001
-            slicer.util.errorDisplay(inputs.readable_error(exc), windowTitle=_("DRGS4D"))
+        self._startResultTask(
+            "files", lambda: self.logic.startFileExport(p.resultVolume, p.resultSegmentation, p.lastRunFolder or None),
+            _("Writing the segmentation files in the background..."))
+
+    def _onFilesExported(self, event: dict) -> None:
+        if event.get("event") != "result":
+            self._resultTaskFailed(_("The segmentation files could not be written: {reason}. What to do: check that "
+                                     "the run's folder has free space and can be written. No file was changed.").format(
+                reason=event.get("message")))
             return
+        files = event["result"]
+        self.ui.statusLabel.text = _("Written: {folder}").format(folder=os.path.dirname(files[0]))
         slicer.util.infoDisplay(_("Written:\n{files}").format(files="\n".join(files)), windowTitle=_("DRGS4D"))
+        self._probeAgain()
 
 
 def describeProbe(event: dict) -> str:
@@ -1154,24 +1212,52 @@ class DRGS4DSlicerLogic(ScriptedLoadableModuleLogic):
         return SceneUpdater.attach(volumeNode, segmentationNode)
 
     def applyThreshold(self, volumeNode, segmentationNode, threshold: float):
-        """Re-segment ``volumeNode`` at ``threshold`` (1/mm); returns (segmentation node, vessel voxel count)."""
+        """Re-segment ``volumeNode`` at ``threshold`` (1/mm) in this thread (scripts; the panel uses startThreshold);
+        returns (segmentation node, vessel voxel count)."""
         updater = self._updater(volumeNode, segmentationNode)
         count = updater.set_threshold(threshold)
         return updater.node("segmentation"), count
 
-    def exportLabelmap(self, volumeNode, segmentationNode):
+    def startThreshold(self, volumeNode, segmentationNode, threshold: float) -> ThreadTask:
+        """Segment ``volumeNode`` at ``threshold`` (1/mm), specks removed, with its closed surface, in a background
+        thread; polling applies it to the segmentation: the result is (segmentation node, vessels.VesselSegment)."""
+        updater = self._updater(volumeNode, segmentationNode)
+
+        def apply(segment):
+            updater.apply_segment(segment)
+            return updater.node("segmentation"), segment
+
+        return ThreadTask(vessels.segment_volume, *updater.threshold_input(), float(threshold), finish=apply)
+
+    def _segmented(self, volumeNode, segmentationNode) -> SceneUpdater:
         updater = self._updater(volumeNode, segmentationNode)
         if updater.node("segmentation") is None:
             raise inputs.InputProblem(_("Apply a threshold first: there is no segmentation yet."))
-        return updater.export_labelmap()
+        return updater
+
+    def exportLabelmap(self, volumeNode, segmentationNode):
+        return self._segmented(volumeNode, segmentationNode).export_labelmap()
+
+    def startLabelmapExport(self, volumeNode, segmentationNode) -> ThreadTask:
+        """The vessel segment on the volume's grid, made in a background thread; polling shows it as a labelmap
+        volume node (the result)."""
+        updater = self._segmented(volumeNode, segmentationNode)
+        return ThreadTask(vessels.labelmap_from_snapshot, updater.labelmap_snapshot(), finish=updater.apply_labelmap)
+
+    def _exportFolder(self, volumeNode, runFolder=None) -> str:
+        return os.path.join(runFolder or volumeNode.GetAttribute("DRGS4D.run") or self.defaultOutputFolder(),
+                            "export")
 
     def exportFiles(self, volumeNode, segmentationNode, runFolder=None) -> list:
-        updater = self._updater(volumeNode, segmentationNode)
-        if updater.node("segmentation") is None:
-            raise inputs.InputProblem(_("Apply a threshold first: there is no segmentation yet."))
-        folder = os.path.join(runFolder or volumeNode.GetAttribute("DRGS4D.run") or self.defaultOutputFolder(),
-                              "export")
-        return updater.export_segmentation_files(folder)
+        updater = self._segmented(volumeNode, segmentationNode)
+        return updater.export_segmentation_files(self._exportFolder(volumeNode, runFolder))
+
+    def startFileExport(self, volumeNode, segmentationNode, runFolder=None) -> ThreadTask:
+        """Labelmap NRRD, .seg.nrrd and STL of the vessel segment into ``<run>/export``, written (atomically, read
+        back) by a background thread; the result is the list of paths."""
+        updater = self._segmented(volumeNode, segmentationNode)
+        return ThreadTask(vessels.write_export_files, updater.labelmap_snapshot(),
+                          self._exportFolder(volumeNode, runFolder), updater.file_stem, SEGMENT_ID)
 
     @staticmethod
     def showImageInSliceView(imageNode, viewName: str = "Yellow") -> None:

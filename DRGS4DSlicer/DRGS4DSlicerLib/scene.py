@@ -20,7 +20,7 @@ import vtk
 
 import slicer
 
-from . import protocol
+from . import protocol, vessels
 
 log = logging.getLogger("DRGS4D.scene")
 
@@ -28,6 +28,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ATTRIBUTE_RUN = "DRGS4D.run"
 ATTRIBUTE_ROLE = "DRGS4D.role"
 SEGMENT_ID = "vessels"
+BINARY_LABELMAP = "Binary labelmap"  # representation names of vtkSegmentationConverter
+CLOSED_SURFACE = "Closed surface"
 VESSEL_COLOR = (0.85, 0.2, 0.2)
 
 
@@ -464,8 +466,8 @@ class SceneUpdater:
         if load_segmentation and ((load_volume and volume_path) or outputs.get("segmentation")):
             iso = _first_number(metrics, ("iso_level", "threshold"))
             steps.append(LoadStep("segmentation", self._apply_mask,
-                                  lambda: segmentation_mask(outputs.get("segmentation"), volume_path, threshold,
-                                                            iso)))
+                                  lambda: _mask_image(segmentation_mask(outputs.get("segmentation"), volume_path,
+                                                                        threshold, iso))))
         seq_path = outputs.get("volume_4d")
         if load_sequence and seq_path and os.path.isfile(seq_path):
             steps.append(LoadStep("sequence", self._apply_sequence, lambda: read_sequence_file(seq_path)))
@@ -501,8 +503,8 @@ class SceneUpdater:
     def _apply_mask(self, data) -> None:
         if data is None:
             return
-        mask, ijk_to_ras, level = data
-        self._set_segment_mask(mask, ijk_to_ras, surface=False)  # the model shows the surface; 3D on demand
+        image, level = data
+        self._put_labelmap(image)  # the model shows the surface; the segment's own 3D surface on demand
         self.threshold = level
 
     def _apply_sequence(self, data) -> list:
@@ -526,7 +528,10 @@ class SceneUpdater:
         self._display_ranges.setdefault(sequence.GetID(), prepared[2])  # the first frame's, for the proxy
         node = slicer.vtkMRMLScalarVolumeNode()
         show_image(node, prepared)
-        sequence.SetDataNodeAtValue(node, str(value))  # the sequence keeps a copy
+        # The sequence stores a copy of the node it is given: give it an empty one, then hand this frame's voxels over
+        # (shallow: copying a 256^3 frame took ~50 ms of the main thread; nothing else holds this node)
+        sequence.SetDataNodeAtValue(slicer.vtkMRMLScalarVolumeNode(), str(value))
+        sequence.UpdateDataNodeAtValue(node, str(value), True)
 
     def _browse(self, sequence, role: str, name: str, proxy_role: str, proxy_name: str) -> list:
         """A browser for ``sequence`` with a proxy volume made here (its display node gets the first frame's
@@ -586,79 +591,103 @@ class SceneUpdater:
             node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         return node
 
-    def _set_segment_mask(self, mask_kji: np.ndarray, ijk_to_ras: np.ndarray, surface: bool = True) -> int:
+    def _put_labelmap(self, image, surface=None) -> None:
+        """Make ``image`` (a vtkOrientedImageData of 0/1 made in a background thread) the vessel segment's labelmap and
+        ``surface`` (its closed surface, RAS) its 3D shape, without any conversion here: two pointer swaps and the
+        events the views need (a conversion of a noisy 256^3 mask took a minute in the main thread)."""
         node = self._segmentation_node()
-        mask = np.ascontiguousarray(np.asarray(mask_kji) > 0, dtype=np.uint8)
-        image = slicer.vtkOrientedImageData()
-        k, j, i = mask.shape
-        image.SetDimensions(i, j, k)
-        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        from vtk.util import numpy_support
+        segmentation = node.GetSegmentation()
+        segment = segmentation.GetSegment(SEGMENT_ID)
+        if segment is None:
+            segmentation.AddEmptySegment(SEGMENT_ID, "Vessels", list(VESSEL_COLOR))
+            segment = segmentation.GetSegment(SEGMENT_ID)
+        segment.SetLabelValue(1)  # the new labelmap is a layer of its own, vessels = 1
+        segment.AddRepresentation(BINARY_LABELMAP, image)
+        image.Modified()  # the source representation changed: what was derived from the old one goes, views update
+        if surface is not None:
+            segment.AddRepresentation(CLOSED_SURFACE, surface)
+            segmentation.InvokeEvent(slicer.vtkSegmentation.RepresentationModified, SEGMENT_ID)
+            segmentation.InvokeEvent(slicer.vtkSegmentation.ContainedRepresentationNamesModified)
 
-        target = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(mask.shape)
-        target[:] = mask
-        image.GetPointData().GetScalars().Modified()
-        image.SetImageToWorldMatrix(vtk_matrix(ijk_to_ras))
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-            image, node, SEGMENT_ID, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-        if not ok:
-            raise RuntimeError(protocol.tr("could not write the vessel mask into the segmentation"))
-        if node.GetSegmentation().ContainsRepresentation("Closed surface"):
-            node.GetSegmentation().CreateRepresentation("Closed surface", True)  # refresh the 3D surface
-        elif surface:
-            node.CreateClosedSurfaceRepresentation()
-        return int(mask.sum())
+    # -- threshold and exports: the inputs are taken and the results applied here, the work is vessels.* --
+    def threshold_input(self) -> tuple:
+        """(voxels [k, j, i], IJK->RAS) of the final volume for ``vessels.segment_volume`` in a background thread; the
+        array views the node's voxels (no copy) and keeps them alive even if the node gets new ones meanwhile."""
+        volume = self.node("volume")
+        if volume is None or volume.GetImageData() is None:
+            raise RuntimeError(protocol.tr("there is no reconstructed volume to threshold yet"))
+        return slicer.util.arrayFromVolume(volume), ijk_to_ras_of(volume)
+
+    def apply_segment(self, segment: vessels.VesselSegment) -> int:
+        """Put a ``vessels.segment_volume`` result into the segmentation (fast); returns the vessel voxel count."""
+        if self.node("volume") is None:
+            raise RuntimeError(protocol.tr("the reconstructed volume was removed from the scene meanwhile"))
+        self._put_labelmap(segment.image, segment.surface)
+        self.threshold = segment.threshold
+        return segment.voxels
 
     def set_threshold(self, threshold: float) -> int:
-        """Re-segment the final volume at ``threshold`` (1/mm); returns the number of vessel voxels."""
-        volume = self.node("volume")
-        if volume is None:
-            raise RuntimeError(protocol.tr("there is no reconstructed volume to threshold yet"))
-        array = slicer.util.arrayFromVolume(volume)
-        self.threshold = float(threshold)
-        return self._set_segment_mask(array >= self.threshold, ijk_to_ras_of(volume))
+        """Re-segment the final volume at ``threshold`` (1/mm) here and now (scripts; the panel does the work in a
+        background thread); returns the number of vessel voxels."""
+        return self.apply_segment(vessels.segment_volume(*self.threshold_input(), threshold))
 
-    def export_labelmap(self, name: str | None = None):
-        """Export the vessel segment to a labelmap volume node on the final volume's grid."""
-        seg = self.node("segmentation")
+    def labelmap_snapshot(self) -> vessels.LabelmapSnapshot:
+        """A copy of the vessel segment's labelmap (milliseconds) and the final volume's grid, for the exports'
+        background part: edits of the segmentation meanwhile do no harm."""
+        seg, volume = self.node("segmentation"), self.node("volume")
         if seg is None:
             raise RuntimeError(protocol.tr("there is no segmentation to export"))
+        if volume is None or volume.GetImageData() is None:
+            raise RuntimeError(protocol.tr("there is no reconstructed volume to export the segmentation on"))
+        segment = seg.GetSegmentation().GetSegment(SEGMENT_ID)
+        image = segment.GetRepresentation(BINARY_LABELMAP) if segment is not None else None
+        if image is None:
+            raise RuntimeError(protocol.tr("the segmentation has no vessel labelmap: apply a threshold first"))
+        copy = slicer.vtkOrientedImageData()
+        copy.DeepCopy(image)
+        i, j, k = volume.GetImageData().GetDimensions()
+        return vessels.LabelmapSnapshot(copy, int(segment.GetLabelValue()), (k, j, i), ijk_to_ras_of(volume),
+                                        segment.GetName() or "Vessels", tuple(segment.GetColor()))
+
+    def apply_labelmap(self, prepared, name: str | None = None):
+        """Show a ``vessels.labelmap_from_snapshot`` result as the run's labelmap volume (created once, then updated in
+        place: the image is swapped in, nothing is scanned here); returns the node."""
+        image, ijk_to_ras = prepared
         labelmap = self.node("labelmap") or self._new_node("vtkMRMLLabelMapVolumeNode",
                                                            name or f"{self.run_name} vessels label", "labelmap")
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(SEGMENT_ID)
-        reference = self.node("volume")
-        if reference is not None:
-            ok = self.segmentations_logic.ExportSegmentsToLabelmapNode(seg, ids, labelmap, reference)
-        else:
-            ok = self.segmentations_logic.ExportSegmentsToLabelmapNode(seg, ids, labelmap)
-        if not ok:
-            raise RuntimeError(protocol.tr("exporting the segmentation to a labelmap failed"))
+        if labelmap.GetDisplayNode() is None:
+            display = slicer.vtkMRMLLabelMapVolumeDisplayNode()
+            self.scene.AddNode(display)
+            display.SetAndObserveColorNodeID(self._label_colors().GetID())
+            labelmap.SetAndObserveDisplayNodeID(display.GetID())
+        labelmap.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+        labelmap.SetAndObserveImageData(image)
         return labelmap
 
-    def export_segmentation_files(self, folder: str | os.PathLike, surface_format: str = "STL") -> list[str]:
-        """Write the segmentation as a labelmap NRRD, a .seg.nrrd and a surface mesh (LPS) into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        seg = self.node("segmentation")
-        if seg is None:
-            raise RuntimeError(protocol.tr("there is no segmentation to export"))
-        written = []
-        labelmap = self.export_labelmap()
-        stem = _safe_name(self.run_name)
-        label_path = folder / f"{stem}_vessels_label.nrrd"
-        if _write_node(labelmap, str(label_path), slicer.vtkMRMLVolumeArchetypeStorageNode):
-            written.append(str(label_path))
-        seg_path = folder / f"{stem}_vessels.seg.nrrd"
-        if _write_node(seg, str(seg_path), slicer.vtkMRMLSegmentationStorageNode):
-            written.append(str(seg_path))
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(SEGMENT_ID)
-        before = set(os.listdir(folder))
-        if self.segmentations_logic.ExportSegmentsClosedSurfaceRepresentationToFiles(
-                str(folder), seg, ids, surface_format, True, 1.0, False):
-            written += sorted(str(folder / f) for f in set(os.listdir(folder)) - before)
-        return written
+    def _label_colors(self):
+        """The labelmap's colour table: 0 background, 1 vessels in the segment's colour."""
+        colors = self.node("label_colors")
+        if colors is None:
+            colors = self._new_node("vtkMRMLColorTableNode", f"{self.run_name} vessels colours", "label_colors")
+            colors.SetTypeToUser()
+            colors.SetNumberOfColors(2)
+            colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+            colors.SetColor(1, "vessels", *VESSEL_COLOR, 1.0)
+        return colors
+
+    def export_labelmap(self, name: str | None = None):
+        """Export the vessel segment to a labelmap volume node on the final volume's grid, here and now (scripts)."""
+        return self.apply_labelmap(vessels.labelmap_from_snapshot(self.labelmap_snapshot()), name)
+
+    @property
+    def file_stem(self) -> str:
+        """The run's name as the stem of export file names."""
+        return file_stem(self.run_name)
+
+    def export_segmentation_files(self, folder: str | os.PathLike) -> list[str]:
+        """Write the vessel segment as labelmap NRRD, .seg.nrrd and surface STL (LPS) into ``folder``, here and now
+        (scripts; the panel writes them in a background thread)."""
+        return vessels.write_export_files(self.labelmap_snapshot(), folder, self.file_stem, SEGMENT_ID)
 
 
 def segmentation_mask(labelmap_path, volume_path, threshold, iso):
@@ -672,6 +701,14 @@ def segmentation_mask(labelmap_path, volume_path, threshold, iso):
     array, ijk_to_ras = read_volume_file(volume_path)
     level = threshold if threshold is not None else (iso if iso is not None else suggest_threshold(array))
     return array >= level, ijk_to_ras, float(level)
+
+
+def _mask_image(data):
+    """``segmentation_mask``'s result as (segment labelmap image, threshold) - made in the loading thread too."""
+    if data is None:
+        return None
+    mask, ijk_to_ras, level = data
+    return vessels.oriented_image(mask, ijk_to_ras), level
 
 
 def suggest_threshold(array: np.ndarray) -> float:
@@ -705,18 +742,6 @@ def _volume_file_in(path) -> str | None:
     return None
 
 
-def _safe_name(name: str) -> str:
+def file_stem(name: str) -> str:
+    """A run name as a file name stem (letters, digits, - _ . kept)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "DRGS4D"
-
-
-def _write_node(node, path: str, storage_class) -> bool:
-    scene = node.GetScene()
-    storage = storage_class()
-    scene.AddNode(storage)
-    try:
-        storage.SetFileName(path)
-        if hasattr(storage, "SetUseCompression"):
-            storage.SetUseCompression(1)
-        return bool(storage.WriteData(node))
-    finally:
-        scene.RemoveNode(storage)

@@ -68,6 +68,10 @@ def test_logic_runs_a_case_and_works_on_the_results(module, tiny_case, tmp_path)
     top = float(slicer.util.arrayFromVolume(volume).max())
     segmentation, count = logic.applyThreshold(volume, seg, iso)
     assert segmentation is seg and count > 0
+    import SimpleITK as sitk  # at the engine's level the panel's segmentation is the engine's labelmap
+
+    engine = sitk.GetArrayFromImage(sitk.ReadImage(state.outputs["segmentation"])) > 0
+    assert count == int(engine.sum())
     _, fewer = logic.applyThreshold(volume, seg, 0.5 * (iso + top))
     assert 0 < fewer < count
     label = logic.exportLabelmap(volume, seg)

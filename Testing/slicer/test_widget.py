@@ -2,8 +2,9 @@
 GUI <-> parameter node, under stand-ins that bind widgets by the connector rules of each supported Slicer release
 (slicer_standins.CONNECTOR_RULES), with the real MRML classes and Slicer's real VTKObservationMixin (slicer-core),
 which warns when an observer is removed twice.  Also: the threshold range, the device list from --probe, the message
-on a Python too old for the engine, background input checks, and the main-thread time of every timer tick while a
-256^3 result streams in."""
+on a Python too old for the engine, background input checks, and the main-thread time of every click and timer tick
+while a 256^3 result streams in, scene volumes are written, the demo phantom is made, and the Results section
+segments, exports and writes a 256^3 result."""
 
 import pathlib
 import shutil
@@ -14,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+import vtk
 
 slicer = pytest.importorskip("slicer")
 
@@ -571,4 +573,150 @@ def test_sample_data_makes_the_demo_phantom_in_the_background(monkeypatch, scene
     assert (pathlib.Path(p.caseFolder) / "transforms.json").is_file() and "ready" in widget.ui.statusLabel.text
     assert widget.ui.applyButton.enabled and widget.ui.inputsCollapsibleButton.enabled
     assert widget._probe is not None and widget._probe["event"] == "probe"  # the device list was filled after all
+    widget.cleanup()
+
+
+# ---- nothing slow in the main thread: Apply threshold, Export to labelmap, Export files on a 256^3 result ---------
+
+VESSEL_PEAK, VESSEL_RADIUS_MM, VOXEL_MM, RESULT_THRESHOLD = 0.04, 4.0, 0.5, 0.01
+VESSEL_EDGE_MM = VESSEL_RADIUS_MM * np.sqrt(1 - RESULT_THRESHOLD / VESSEL_PEAK)  # where the profile crosses it
+GAP_MM = 3.0  # drgs_core.specks' default: smaller components within it of the vessel stay
+
+
+@pytest.fixture(scope="module")
+def vessel_result():
+    """A 256^3 result of 0.5 mm voxels ([k, j, i]): an oblique straight vessel with a parabolic profile across the
+    whole volume, its distance to the axis (mm), and a noisy copy with 20000 one-voxel specks outside it."""
+    n = 256
+    c = (np.arange(n, dtype=np.float32) - (n - 1) / 2) * VOXEL_MM
+    axis = np.array([1.0, 0.3, 0.2]) / np.linalg.norm([1.0, 0.3, 0.2])  # (i, j, k)
+    k, j, i = c[:, None, None], c[None, :, None], c[None, None, :]
+    along = axis[0] * i + axis[1] * j + axis[2] * k
+    distance = np.sqrt(np.maximum(i * i + j * j + k * k - along * along, 0.0))
+    vessel = (VESSEL_PEAK * np.clip(1 - (distance / VESSEL_RADIUS_MM) ** 2, 0, None)).astype(np.float32)
+    rng = np.random.default_rng(7)
+    specks = np.unravel_index(rng.choice(vessel.size, 20000, replace=False), vessel.shape)
+    outside = distance[specks] > VESSEL_RADIUS_MM + VOXEL_MM  # not touching the vessel
+    specks = tuple(a[outside] for a in specks)
+    noisy = vessel.copy()
+    noisy[specks] = 0.03
+    return vessel, noisy, distance, specks
+
+
+def _expected_mask(kind, vessel_result):
+    """The segmentation at RESULT_THRESHOLD from the analytic vessel: (must be in it, may be in it)."""
+    vessel, _, distance, specks = vessel_result
+    sure = vessel >= RESULT_THRESHOLD
+    if kind == "vessel":
+        return sure, sure
+    gap = distance[specks] - VESSEL_EDGE_MM  # a speck's distance to the nearest vessel voxel is this + up to 0.9 mm
+    may = sure.copy()
+    may[tuple(a[gap <= GAP_MM] for a in specks)] = True
+    sure = sure.copy()
+    sure[tuple(a[gap + VOXEL_MM * np.sqrt(3) <= GAP_MM] for a in specks)] = True
+    return sure, may
+
+
+def _segment_mask(scene, segmentation, volume):
+    """The vessel segment on the volume's grid, as Slicer's own segmentation logic exports it."""
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "reference export")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue("vessels")
+    assert logic.ExportSegmentsToLabelmapNode(segmentation, ids, label, volume)
+    mask = slicer.util.arrayFromVolume(label) > 0
+    scene.RemoveNode(label)
+    return mask
+
+
+@pytest.mark.parametrize("kind", ["vessel", "noisy"])
+def test_threshold_and_exports_of_a_256_cubed_result_keep_the_main_thread_free(monkeypatch, scene, tmp_path,
+                                                                               vessel_result, kind):
+    """Apply threshold, Export to labelmap and Export files: every click and tick stays under 100 ms of main-thread
+    time, the work runs in a background thread, the segment gets the precomputed surface (no conversion), and the
+    results match the analytic vessel (specks far from it left out, as the engine does)."""
+    module = load_module(monkeypatch, scene, tmp_path, "5.12")
+    threads = {name: _record_threads(monkeypatch, module.vessels, name)
+               for name in ("segment_volume", "labelmap_from_snapshot", "write_export_files")}
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    p = widget._parameterNode
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "vessel run")
+    slicer.util.updateVolumeFromArray(volume, vessel_result[0 if kind == "vessel" else 1])
+    volume.SetSpacing(VOXEL_MM, VOXEL_MM, VOXEL_MM)
+    p.resultVolume, p.threshold, p.lastRunFolder = volume, RESULT_THRESHOLD, str(tmp_path / "run")
+    sure, may = _expected_mask(kind, vessel_result)
+    buttons = (widget.ui.applyThresholdButton, widget.ui.exportLabelmapButton, widget.ui.exportFilesButton,
+               widget.ui.applyButton)
+
+    def run(handler, task):
+        assert _main_thread_time(handler) < 0.1
+        assert widget._task[0] == task and "background" in widget.ui.statusLabel.text
+        assert not any(b.enabled for b in buttons) and not widget.ui.inputsCollapsibleButton.enabled
+        ticks = _tick_until(widget, lambda: widget._task is None)
+        assert max(ticks) < 0.1, sorted(ticks)[-3:]
+        assert widget.ui.applyThresholdButton.enabled and not module._record.named("errorDisplay")
+
+    run(widget.onApplyThreshold, "threshold")
+    segmentation = p.resultSegmentation
+    mask = _segment_mask(scene, segmentation, volume)
+    assert not np.any(sure & ~mask) and not np.any(mask & ~may)
+    assert "vessel voxels at threshold 0.01" in widget.ui.statusLabel.text
+    assert ("isolated specks" in widget.ui.statusLabel.text) == (kind == "noisy")
+    surface = segmentation.GetSegmentation().GetSegment("vessels").GetRepresentation("Closed surface")
+    assert surface is not None and surface.GetNumberOfPolys() > 1000
+    bounds = np.array(surface.GetBounds()).reshape(3, 2)
+    volume_bounds = np.zeros(6)
+    volume.GetRASBounds(volume_bounds)
+    np.testing.assert_allclose(bounds[0], volume_bounds[:2], atol=1.0)  # the vessel crosses the volume along i
+
+    run(widget.onExportLabelmap, "labelmap")
+    labelmap = scene.GetFirstNodeByClass("vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap) > 0, mask)
+    from DRGS4DSlicerLib.scene import ijk_to_ras_of
+
+    np.testing.assert_array_equal(ijk_to_ras_of(labelmap), ijk_to_ras_of(volume))
+
+    run(widget.onExportFiles, "files")
+    written = sorted((tmp_path / "run" / "export").iterdir())
+    assert [f.name for f in written] == ["vessel_run_vessels.seg.nrrd", "vessel_run_vessels.stl",
+                                         "vessel_run_vessels_label.nrrd"]
+    assert module._record.named("infoDisplay") and str(written[0]) in module._record.named("infoDisplay")[0][1][0]
+    import SimpleITK as sitk
+
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(written[2]))) > 0, mask)
+    for name, seen in threads.items():
+        assert seen and threading.main_thread() not in seen, name
+    widget.cleanup()
+
+
+def test_a_failed_result_task_says_what_to_do_and_frees_the_panel(monkeypatch, scene, tmp_path):
+    """The volume removed while the threshold is worked out, and an export folder that cannot be written."""
+    module = load_module(monkeypatch, scene, tmp_path, "5.12")
+    widget = module.DRGS4DSlicerWidget()
+    widget.setup()
+    p = widget._parameterNode
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "small run")
+    slicer.util.updateVolumeFromArray(volume, np.pad(np.full((6, 6, 6), 0.05, np.float32), 5))
+    p.resultVolume, p.threshold = volume, RESULT_THRESHOLD
+    widget.onApplyThreshold()
+    scene.RemoveNode(volume)
+    _tick_until(widget, lambda: widget._task is None)
+    (call,) = module._record.named("errorDisplay")
+    assert "could not be segmented" in call[1][0] and "removed" in call[1][0] and "What to do" in call[1][0]
+    assert widget._task is None and widget.ui.checkInputsButton.enabled
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "small run")
+    slicer.util.updateVolumeFromArray(volume, np.pad(np.full((6, 6, 6), 0.05, np.float32), 5))
+    p.resultVolume, p.resultSegmentation = volume, None
+    widget.onApplyThreshold()
+    _tick_until(widget, lambda: widget._task is None)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the run folder should be")
+    p.lastRunFolder = str(blocked)
+    widget.onExportFiles()
+    _tick_until(widget, lambda: widget._task is None)
+    message = module._record.named("errorDisplay")[-1][1][0]
+    assert "could not be written" in message and "No file was changed" in message
+    assert blocked.read_text() == "a file where the run folder should be"
     widget.cleanup()
