@@ -106,7 +106,7 @@ assert c.active_backend('cuda') == 'triton'" )
           ( cd /tmp && $KIT $PYBIN $REPO/bench/bench_step.py --backends triton 2>&1 | tail -5 )
         fi
         ( cd /tmp && timeout $(left 300) $KIT DRGS4D_REQUIRE_TRITON=1 DRGS4D_TEST_BACKENDS=triton $PYBIN -m pytest $REPO/Testing/gpu \
-            $REPO/Testing/render/test_render_backends.py -q -p no:cacheprovider -m "not slow" -o addopts="" \
+            $REPO/Testing/render/test_render_backends.py $REPO/Testing/render/test_triton_voxel.py -q -p no:cacheprovider -m "not slow" -o addopts="" \
             --rootdir=$REPO --durations=5 ${NOKIT_K:+-k "$NOKIT_K"} 2>&1 | tail -25 )
         if [ "${NOKIT_BENCH:-1}" = 1 ]; then
           ( cd /tmp && timeout $(left 300) $KIT $PYBIN $REPO/bench/bench_paper.py --backend triton --reuse-phantom --out /tmp/bench_out \
