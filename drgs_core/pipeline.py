@@ -61,7 +61,8 @@ def resolve_device(name: str) -> torch.device:
     raise DRGSInputError("unknown device", repr(name), "auto, cpu, cuda or cuda:N")
 
 
-def load_case(cfg: ReconstructConfig):
+def load_case(cfg: ReconstructConfig, device="cpu"):
+    """The case of `cfg`, registered (mask onto fill, computed on `device`) and binned."""
     if cfg.dicom is not None:
         from .io.dicom import import_dicom
 
@@ -71,7 +72,7 @@ def load_case(cfg: ReconstructConfig):
         case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
     else:
         case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
-    case, _ = register_case(case, cfg.registration)
+    case, _ = register_case(case, cfg.registration, device=device)
     return case.binned(binning_factor(cfg.detector_binning, case))
 
 
@@ -247,7 +248,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
 def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: str | None) -> dict:
     out, stage_dir, device = folder.out, folder.staging, ctx.device
     with ctx.stage("load"):
-        case = load_case(cfg)
+        case = load_case(cfg, device)
         n = case.n_frames
         _check_sizes(cfg, case)
     tcfg = cfg.train_config()

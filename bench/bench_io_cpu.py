@@ -1,0 +1,119 @@
+"""CPU timings of the I/O stages at paper size: case loading (read + checks + DSA + registration) and writing the
+result files, without a GPU and without the phantom's simulation.
+
+A synthetic paper-size case (133 frames of 512^2 photon counts, Poisson noise, a 256^3 grid of 0.625 mm) is
+written once with drgs_core.io.write_case into --dir; then each stage function is timed.
+
+    python bench/bench_io_cpu.py [--dir /tmp/bench_io] [--frames 133] [--det 512] [--grid 256] [--only load|write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic_case(frames: int, det: int, grid_n: int):
+    """A Case with fill/mask photon counts (I0 1e5, a smooth 'skull' and a few vessel lines, Poisson noise)."""
+    from drgs_core.geometry import ConeBeamGeometry, VolumeGrid
+    from drgs_core.io.case import Case
+
+    rng = np.random.default_rng(0)
+    v, u = np.mgrid[0:det, 0:det].astype(np.float32) / det
+    tissue = 2.0 + 1.5 * np.exp(-((u - 0.5) ** 2 + (v - 0.5) ** 2) / 0.08)
+    mask = np.empty((frames, det, det), np.float32)
+    fill = np.empty_like(mask)
+    for k in range(frames):
+        vessel = 0.3 * np.exp(-((u - 0.3 - 0.4 * k / frames) ** 2) / 1e-4) + 0.2 * np.exp(-((v - 0.6) ** 2) / 5e-5)
+        mask[k] = rng.poisson(1e5 * np.exp(-tissue))
+        fill[k] = rng.poisson(1e5 * np.exp(-tissue - vessel))
+    np.maximum(mask, 1, out=mask)
+    np.maximum(fill, 1, out=fill)
+    geom = ConeBeamGeometry(750.0, 1200.0, (det, det), (0.3 * 512 / det,) * 2,
+                            np.linspace(-np.pi / 2, np.pi * 200 / 180 - np.pi / 2, frames))
+    grid = VolumeGrid((grid_n,) * 3, (0.625 * 256 / grid_n,) * 3)
+    dsa = np.maximum(np.log(mask.astype(np.float64)) - np.log(fill.astype(np.float64)), 0).astype(np.float32)
+    return Case(dsa=dsa, geometry=geom, grid=grid, fill=fill, mask=mask, name="synthetic")
+
+
+def timed(label, fn, *a, **k):
+    t = time.perf_counter()
+    out = fn(*a, **k)
+    dt = time.perf_counter() - t
+    print(f"{label:<40s} {dt:7.2f} s", flush=True)
+    return out, dt
+
+
+def bench_load(case_dir: Path) -> dict:
+    from drgs_core.config import ReconstructConfig
+    from drgs_core.io.case_folder import read_case
+    from drgs_core.io.volumes import read_stack
+    from drgs_core.pipeline import load_case
+
+    res = {}
+    _, res["read_stack fill"] = timed("read_stack(fill_run)", read_stack, case_dir / "fill_run.nii.gz")
+    _, res["read_case"] = timed("read_case (both runs, checks, DSA)", read_case, case_dir)
+    cfg = ReconstructConfig(out="/tmp/unused", case=str(case_dir))
+    _, res["load_case"] = timed("pipeline.load_case (+ registration)", load_case, cfg)
+    return res
+
+
+def bench_write(out: Path, grid_n: int, frames: int, det: int) -> dict:
+    from drgs_core.geometry import VolumeGrid
+    from drgs_core.io import write_labelmap, write_sequence_nrrd, write_stack, write_volume
+
+    grid = VolumeGrid((grid_n,) * 3, (0.625 * 256 / grid_n,) * 3)
+    rng = np.random.default_rng(1)
+    # a sparse vessel-like volume: mostly zeros (as the voxelised Gaussians are), smooth values elsewhere
+    vol = np.zeros(grid.resolution, np.float32)
+    idx = rng.integers(0, grid_n, size=(grid_n ** 3 // 50, 3))
+    vol[idx[:, 0], idx[:, 1], idx[:, 2]] = rng.random(len(idx), dtype=np.float32)
+    seg = vol > 0.5
+    vols4 = np.stack([vol * (0.5 + 0.1 * t) for t in range(8)])
+    renders = rng.random((frames, det // 1, det // 1), dtype=np.float32) * 0.1
+    out.mkdir(parents=True, exist_ok=True)
+    res = {}
+    _, res["volume.nii.gz"] = timed("write_volume volume.nii.gz", write_volume, out / "volume.nii.gz", vol, grid)
+    _, res["segmentation.nii.gz"] = timed("write_labelmap segmentation.nii.gz", write_labelmap,
+                                          out / "segmentation.nii.gz", seg, grid)
+    _, res["volume_4d.seq.nrrd"] = timed("write_sequence_nrrd volume_4d (8 x 256^3)", write_sequence_nrrd,
+                                         out / "volume_4d.seq.nrrd", vols4, grid, np.arange(8) / 8)
+    _, res["renders.nii.gz"] = timed("write_stack renders.nii.gz", write_stack, out / "renders.nii.gz", renders,
+                                     (0.3, 0.3))
+    for p in sorted(out.iterdir()):
+        print(f"   {p.name:<24s} {p.stat().st_size / 2**20:8.1f} MiB")
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/bench_io")
+    ap.add_argument("--frames", type=int, default=133)
+    ap.add_argument("--det", type=int, default=512)
+    ap.add_argument("--grid", type=int, default=256)
+    ap.add_argument("--only", choices=["load", "write"], default=None)
+    args = ap.parse_args()
+    root = Path(args.dir)
+    case_dir = root / f"case_{args.frames}_{args.det}"
+    res = {}
+    if args.only in (None, "load"):
+        if not (case_dir / "transforms.json").exists():
+            from drgs_core.io import write_case
+
+            case = synthetic_case(args.frames, args.det, args.grid)
+            timed("write_case (synthetic, not timed below)", write_case, case, case_dir)
+            del case
+        for p in sorted(case_dir.iterdir()):
+            print(f"   {p.name:<24s} {p.stat().st_size / 2**20:8.1f} MiB")
+        res["load"] = bench_load(case_dir)
+    if args.only in (None, "write"):
+        res["write"] = bench_write(root / "write_out", args.grid, args.frames, args.det)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
