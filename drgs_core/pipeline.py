@@ -269,7 +269,7 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
     with ctx.stage("fdk"):
         fdk_vol = fdk(dsa_train, case.geometry.subset(train_idx), case.grid).clamp_min(0)
 
-    with ctx.stage("init"):
+    with ctx.stage("init"), _one_cpu_thread(device):
         model, init_info, cameras = _init_model(cfg, case, fdk_vol, dsa_train, train_idx, out / "checkpoint.pt",
                                                 device)
         ctx.n_gaussians = model.n
@@ -309,7 +309,8 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         "train_psnr": q_train["psnr"], "train_ssim": q_train["ssim"],
         "heldout_psnr": q_held["psnr"], "heldout_ssim": q_held["ssim"],
         "n_gaussians": model.n, "n_gaussians_init": init_info["n_gaussians"],
-        "init_threshold": init_info["threshold"], "iso_level": level,
+        "init_threshold": init_info["threshold"], "init_fit_rel_error": init_info.get("fit_rel_error"),
+        "iso_level": level,
         "iterations": result["iteration"], "it_per_s": result["it_per_s"],
         "fdk_s": ctx.times["fdk"], "timings_s": dict(ctx.times),
         "end_to_end_s": ctx.elapsed(), "device": str(device), "backend": active_backend(device),
@@ -382,6 +383,22 @@ def _output_bytes(cfg: ReconstructConfig, case) -> int:
     compressed = 4 * voxels + voxels + 2 * 4 * pixels
     model = 64 * int(cfg.max_gaussians) + 8 * int(cfg.n_levels) * 2 ** int(cfg.log2_table_size)
     return raw + compressed // 2 + 2 * model
+
+
+@contextmanager
+def _one_cpu_thread(device):
+    """On the CPU, run the block on one thread.  The init stage's tensors are small (thousands of Gaussians):
+    OpenMP's fan-out costs more than it gains, and on a busy machine its waiting threads made the demo's init
+    take 29 s instead of 2.9 s on one thread (2 cores shared with other work, 2026-12-02)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _init_model(cfg, case, fdk_vol, dsa_train, train_idx, checkpoint: Path, device):
