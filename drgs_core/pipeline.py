@@ -29,7 +29,7 @@ from .ct.registration import register_case
 from .errors import DRGSInputError
 from .fingerprint import fingerprint
 from .geometry import held_out_indices, view_indices
-from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
+from .io import (check_views, read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
 from .io.atomic import BackgroundWrites, WriteVerificationError, check_free_space
 from .io.run_folder import RunFolder, check_out_folder
@@ -354,12 +354,10 @@ def _memory_bytes() -> int | None:
 
 
 def _check_sizes(cfg: ReconstructConfig, case) -> None:
-    """Refuse problems whose volumes cannot fit in this machine's memory, before allocating them."""
+    """Refuse impossible views / cine frame and volumes that cannot fit in this machine's memory, before
+    allocating them."""
     n_frames = case.n_frames
-    if cfg.views > n_frames:
-        raise DRGSInputError("more training views requested than frames", f"views={cfg.views}",
-                             f"at most {n_frames} (the number of frames in the run)",
-                             f"pass --views {n_frames} or fewer")
+    check_views(case, cfg.views)
     if not cfg.cine_frame < n_frames:
         raise DRGSInputError("cine_frame is out of range", str(cfg.cine_frame), f"0..{n_frames - 1}",
                              f"pass --cine-frame between 0 and {n_frames - 1}")
