@@ -118,3 +118,39 @@ def test_a_cut_off_sequence_is_not_moved_into_place(tmp_path, monkeypatch):
     with pytest.raises(WriteVerificationError):
         write_sequence_nrrd(path, np.ones((2, 6, 6, 6), np.float32), grid, [0, 0.5])
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["v.seq.nrrd"]
+
+
+def test_stack_nii_gz_holds_exactly_itks_nifti(tmp_path):
+    """The parallel-gzip path stores the very bytes SimpleITK writes for a .nii (header included)."""
+    import SimpleITK as sitk
+
+    from drgs_core.io import write_stack
+
+    stack = np.random.default_rng(3).random((5, 9, 11)).astype(np.float32)
+    path = write_stack(tmp_path / "r.nii.gz", stack, (0.8, 0.6))
+    img = sitk.GetImageFromArray(stack)
+    img.SetSpacing((0.8, 0.6, 1.0))
+    img.SetOrigin((-(11 - 1) / 2 * 0.8, -(9 - 1) / 2 * 0.6, 0.0))
+    sitk.WriteImage(img, str(tmp_path / "ref.nii"), False)
+    assert gzip.decompress(path.read_bytes()) == (tmp_path / "ref.nii").read_bytes()
+    back = sitk.ReadImage(str(path))
+    assert np.array_equal(sitk.GetArrayFromImage(back), stack)
+    assert np.allclose(back.GetSpacing(), (0.8, 0.6, 1.0)) and np.allclose(back.GetOrigin(), img.GetOrigin())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.nii.gz", "ref.nii"]  # no temporary .nii left
+
+
+def test_volume_nii_gz_holds_exactly_nibabels_nifti(tmp_path):
+    import nibabel as nib
+
+    from drgs_core.io import read_volume, write_volume
+    from drgs_core.io.volumes import nifti_affine
+
+    grid = VolumeGrid((6, 5, 4), (0.5, 0.75, 1.25))
+    vol = np.random.default_rng(4).random(grid.resolution).astype(np.float32)
+    path = write_volume(tmp_path / "v.nii.gz", vol, grid)
+    write_volume(tmp_path / "v.nii", vol, grid)
+    assert gzip.decompress(path.read_bytes()) == (tmp_path / "v.nii").read_bytes()
+    img = nib.load(str(path))
+    assert np.array_equal(np.asanyarray(img.dataobj), vol) and np.allclose(img.affine, nifti_affine(grid))
+    back, info = read_volume(path)
+    assert np.array_equal(back, vol) and info.grid == grid

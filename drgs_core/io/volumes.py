@@ -150,7 +150,11 @@ def _write_nifti(tmp: Path, arr: np.ndarray, grid: VolumeGrid, label: bool) -> N
     img.header.set_xyzt_units(xyz="mm")
     if label:
         img.header.set_intent("label")
-    nib.save(img, str(tmp))
+    if tmp.name.lower().endswith(".gz"):  # the bytes nib.save would write, gzip-compressed on all cores
+        with open(tmp, "wb") as fh:
+            write_gzip(fh, img.to_bytes())
+    else:
+        nib.save(img, str(tmp))
 
 
 def _write_nrrd_any(path: Path, arr: np.ndarray, header: dict, fmt: str) -> None:
@@ -312,7 +316,18 @@ def write_stack(path, stack, spacing, *, dtype=np.float32) -> Path:
     img.SetSpacing((sx, sy, 1.0))
     img.SetOrigin((-(w - 1) / 2 * sx, -(h - 1) / 2 * sy, 0.0))
     with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
-        sitk.WriteImage(img, str(tmp), True, 1)
+        if tmp.name.lower().endswith(".nii.gz"):
+            # ITK's uncompressed NIfTI (same header), then gzip on all cores: ITK compresses on one thread
+            raw = tmp.with_name(tmp.name[:-3])
+            try:
+                sitk.WriteImage(img, str(raw), False)
+                data = raw.read_bytes()
+            finally:
+                raw.unlink(missing_ok=True)
+            with open(tmp, "wb") as fh:
+                write_gzip(fh, data)
+        else:
+            sitk.WriteImage(img, str(tmp), True, 1)
     return path
 
 
