@@ -82,7 +82,10 @@ def bench_write(out: Path, grid_n: int, frames: int, det: int) -> dict:
 
     from drgs_core.geometry import VolumeGrid
     from drgs_core.io import write_labelmap, write_sequence_nrrd, write_stack, write_volume
-    from drgs_core.io.atomic import BackgroundWrites
+    try:
+        from drgs_core.io.atomic import BackgroundWrites
+    except ImportError:  # code before BackgroundWrites (for a before/after comparison): 4 threads, as it wrote
+        from concurrent.futures import ThreadPoolExecutor as BackgroundWrites
     from drgs_core.model.gaussians import GaussianModel
     from drgs_core.model.serialize import save_model, write_gaussians_ply
 
@@ -111,7 +114,7 @@ def bench_write(out: Path, grid_n: int, frames: int, det: int) -> dict:
         print(f"   {name:<24s} {(out / name).stat().st_size / 2**20:8.1f} MiB")
 
     def together():
-        with BackgroundWrites() as writes:
+        with BackgroundWrites(4) as writes:
             for name, (fn, *args) in jobs.items():
                 writes.submit(fn, out / name, *args)
 
