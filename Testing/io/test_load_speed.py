@@ -68,3 +68,25 @@ def test_registration_recovers_a_known_shift():
     d, energy = estimate_shifts(shifted[None], mask[None])
     np.testing.assert_allclose(d[0], [-1.5, 0.8], atol=0.1)
     assert energy["residual_after"] < 0.05 * energy["residual_before"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "crc"])
+def test_read_volume_still_refuses_a_damaged_gzip(tmp_path, damage):
+    from drgs_core.geometry import VolumeGrid
+    from drgs_core.io import read_volume, write_volume
+
+    grid = VolumeGrid((20, 18, 16), (1.0, 1.0, 1.0))
+    vol = np.random.default_rng(5).random(grid.resolution).astype(np.float32)
+    path = write_volume(tmp_path / "v.nii.gz", vol, grid)
+    back, info = read_volume(path)
+    assert np.array_equal(back, vol) and info.grid == grid
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) * 2 // 3]
+    elif damage == "corrupt":
+        data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    else:
+        data[-8] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DRGSInputError, match="truncated or corrupt"):
+        read_volume(path)

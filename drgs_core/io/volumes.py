@@ -17,6 +17,7 @@ All writes are atomic (see :mod:`drgs_core.io.atomic`).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,9 @@ import numpy as np
 
 from ..errors import DRGSInputError
 from ..geometry import VolumeGrid
-from .gzip_parallel import write_gzip
 from .atomic import (WriteVerificationError, atomic_folder, atomic_path, move_files_in_order, verify_gzip_length,
                      verify_size)
+from .gzip_parallel import write_gzip
 
 log = logging.getLogger(__name__)
 
@@ -497,13 +498,19 @@ def read_volume(path, *, reorient: bool = True) -> tuple[np.ndarray, VolumeInfo]
     if not path.is_file():
         raise DRGSInputError("volume file not found", str(path), "an existing .nii/.nii.gz/.nrrd/.nhdr file",
                              "check the path")
-    _check_gzip_stream(path, f"volume {path.name}")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown error"
+    # ITK may zero-fill a cut-off .gz, so the stream is checked to its end - on a thread, while ITK reads
+    # (ITK releases the GIL): the file is inflated twice, but the wall time is about one inflate
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(_check_gzip_stream, path, f"volume {path.name}")
+        try:
+            img, failure = sitk.ReadImage(str(path)), None
+        except RuntimeError as exc:
+            img, failure = None, exc
+        check.result()  # a damaged stream is reported as such, before ITK's message
+    if failure is not None:
+        first = str(failure).strip().splitlines()[-1][:200] if str(failure).strip() else "unknown error"
         raise DRGSInputError(f"the volume {path.name} could not be read", first, "a readable NIfTI or NRRD volume",
-                             "check that the file is complete") from None
+                             "check that the file is complete")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise DRGSInputError(f"{path.name} is not a 3D scalar volume",
                              f"{img.GetDimension()}D, {img.GetNumberOfComponentsPerPixel()} components",
