@@ -1,4 +1,4 @@
-"""The initial field fit (METHOD §5): few steps that converge, on one CPU thread."""
+"""The initial field fit (METHOD §5) converges; the init stage runs on one CPU thread."""
 
 import numpy as np
 import torch
@@ -34,13 +34,13 @@ def test_the_default_fit_converges_at_the_fitted_and_other_times():
             assert float(err) < 0.3, (t, float(err))
 
 
-def test_the_default_fit_beats_the_former_longer_one():
-    """50 steps at lr 1e-2 against the former 100 at 1e-3 (same seed, same start)."""
+def test_more_steps_fit_better():
+    """The fit converges: the error falls with the number of steps (same seed, same start)."""
     errors = []
-    for steps, lr in ((50, 1e-2), (100, 1e-3)):
+    for steps in (10, 40, 100):
         model, target = _model_and_target()
-        errors.append(model.set_initial_attenuation(target, fit_steps=steps, lr=lr, seed=0))
-    assert errors[0] < errors[1], errors
+        errors.append(model.set_initial_attenuation(target, fit_steps=steps, seed=0))
+    assert errors[0] > errors[1] > errors[2], errors
 
 
 def test_one_cpu_thread_is_restored_and_leaves_the_gpu_alone():
