@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -30,9 +29,9 @@ from .ct.registration import register_case
 from .errors import DRGSInputError
 from .fingerprint import fingerprint
 from .geometry import held_out_indices, view_indices
-from .io import (read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
+from .io import (check_views, read_case, read_runs, write_labelmap, write_mesh, write_sequence_nrrd, write_stack,
                  write_volume)
-from .io.atomic import WriteVerificationError, check_free_space
+from .io.atomic import BackgroundWrites, WriteVerificationError, check_free_space
 from .io.run_folder import RunFolder, check_out_folder
 from .stages import STAGES
 from .metrics import mesh_from_volume, psnr_ssim_2d, robust_iso_level, vessel_iso_level
@@ -61,7 +60,8 @@ def resolve_device(name: str) -> torch.device:
     raise DRGSInputError("unknown device", repr(name), "auto, cpu, cuda or cuda:N")
 
 
-def load_case(cfg: ReconstructConfig):
+def load_case(cfg: ReconstructConfig, device="cpu"):
+    """The case of `cfg`, registered (mask onto fill, computed on `device`) and binned."""
     if cfg.dicom is not None:
         from .io.dicom import import_dicom
 
@@ -71,7 +71,7 @@ def load_case(cfg: ReconstructConfig):
         case = read_case(cfg.case, use_secondary=cfg.use_secondary_angle)
     else:
         case = read_runs(cfg.fill, cfg.mask, cfg.geometry, use_secondary=cfg.use_secondary_angle)
-    case, _ = register_case(case, cfg.registration)
+    case, _ = register_case(case, cfg.registration, device=device)
     return case.binned(binning_factor(cfg.detector_binning, case))
 
 
@@ -247,7 +247,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
 def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: str | None) -> dict:
     out, stage_dir, device = folder.out, folder.staging, ctx.device
     with ctx.stage("load"):
-        case = load_case(cfg)
+        case = load_case(cfg, device)
         n = case.n_frames
         _check_sizes(cfg, case)
     tcfg = cfg.train_config()
@@ -269,7 +269,7 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
     with ctx.stage("fdk"):
         fdk_vol = fdk(dsa_train, case.geometry.subset(train_idx), case.grid).clamp_min(0)
 
-    with ctx.stage("init"):
+    with ctx.stage("init"), _one_cpu_thread(device):
         model, init_info, cameras = _init_model(cfg, case, fdk_vol, dsa_train, train_idx, out / "checkpoint.pt",
                                                 device)
         ctx.n_gaussians = model.n
@@ -284,30 +284,38 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
     if result["status"] == "cancelled":
         return _cancelled(ctx, "train", out / "checkpoint.pt")
 
-    with ctx.stage("voxelize"), torch.no_grad():
-        mean_rho = model.mean_rho(case.times)
-        vol = voxelize(model.means, model.scales, model.rotations, mean_rho, case.grid).cpu().numpy()
-    with ctx.stage("mesh"):
-        level = _iso_level(cfg, vol)
-        if cfg.iso_level is None:
-            level, vol_clean, seg, speck_info = haze_aware_segmentation(vol, level, cfg.min_speck_voxels,
-                                                                        case.grid.spacing, cfg.speck_gap_mm)
-        else:
-            vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels, case.grid.spacing,
-                                                        cfg.speck_gap_mm)
-        verts, faces = mesh_from_volume(vol_clean, case.grid, level)
-    with ctx.stage("write"):
-        check_free_space(out, _output_bytes(cfg, case), "the results")
-        renders = _write_outputs(cfg, case, model, mean_rho, vol, seg, verts, faces, stage_dir, device)
-    with ctx.stage("image_metrics", announce=False):
-        q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
-        q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
-                  else {"psnr": None, "ssim": None})
+    # The result files are written on background threads from the moment their data exists, overlapping the
+    # mesh, the renders and the image metrics; all are joined (and a failed write raised) before metrics.json
+    # and the commit.
+    check_free_space(out, _output_bytes(cfg, case), "the results")
+    with BackgroundWrites() as writes:
+        with ctx.stage("voxelize"), torch.no_grad():
+            mean_rho = model.mean_rho(case.times)
+            vol = voxelize(model.means, model.scales, model.rotations, mean_rho, case.grid).cpu().numpy()
+        writes.submit(write_volume, stage_dir / OUTPUT_FILES["volume"], vol, case.grid)
+        with ctx.stage("mesh"):
+            level = _iso_level(cfg, vol)
+            if cfg.iso_level is None:
+                level, vol_clean, seg, speck_info = haze_aware_segmentation(vol, level, cfg.min_speck_voxels,
+                                                                            case.grid.spacing, cfg.speck_gap_mm)
+            else:
+                vol_clean, seg, speck_info = drop_specks(vol, level, cfg.min_speck_voxels, case.grid.spacing,
+                                                            cfg.speck_gap_mm)
+            verts, faces = mesh_from_volume(vol_clean, case.grid, level)
+        with ctx.stage("write"):
+            renders = _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, stage_dir, device, writes)
+        with ctx.stage("image_metrics", announce=False):
+            q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
+            q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
+                      else {"psnr": None, "ssim": None})
+        with ctx.stage("write", announce=False):  # what the writes took beyond the image metrics
+            writes.wait()
     metrics = {
         "train_psnr": q_train["psnr"], "train_ssim": q_train["ssim"],
         "heldout_psnr": q_held["psnr"], "heldout_ssim": q_held["ssim"],
         "n_gaussians": model.n, "n_gaussians_init": init_info["n_gaussians"],
-        "init_threshold": init_info["threshold"], "iso_level": level,
+        "init_threshold": init_info["threshold"], "init_fit_rel_error": init_info.get("fit_rel_error"),
+        "iso_level": level,
         "iterations": result["iteration"], "it_per_s": result["it_per_s"],
         "fdk_s": ctx.times["fdk"], "timings_s": dict(ctx.times),
         "end_to_end_s": ctx.elapsed(), "device": str(device), "backend": active_backend(device),
@@ -351,12 +359,10 @@ def _memory_bytes() -> int | None:
 
 
 def _check_sizes(cfg: ReconstructConfig, case) -> None:
-    """Refuse problems whose volumes cannot fit in this machine's memory, before allocating them."""
+    """Refuse impossible views / cine frame and volumes that cannot fit in this machine's memory, before
+    allocating them."""
     n_frames = case.n_frames
-    if cfg.views > n_frames:
-        raise DRGSInputError("more training views requested than frames", f"views={cfg.views}",
-                             f"at most {n_frames} (the number of frames in the run)",
-                             f"pass --views {n_frames} or fewer")
+    check_views(case, cfg.views)
     if not cfg.cine_frame < n_frames:
         raise DRGSInputError("cine_frame is out of range", str(cfg.cine_frame), f"0..{n_frames - 1}",
                              f"pass --cine-frame between 0 and {n_frames - 1}")
@@ -376,10 +382,26 @@ def _output_bytes(cfg: ReconstructConfig, case) -> int:
     """A generous estimate of the result files' size (compressed files counted at half their raw size)."""
     voxels = int(np.prod(case.grid.resolution))
     pixels = int(np.prod(case.dsa.shape))
-    raw = 4 * voxels * min(cfg.times_4d, case.n_frames)  # the 4D NRRD is uncompressed
+    raw = 4 * voxels * min(cfg.times_4d, case.n_frames)  # the 4D NRRD, counted raw (gzip makes it far smaller)
     compressed = 4 * voxels + voxels + 2 * 4 * pixels
     model = 64 * int(cfg.max_gaussians) + 8 * int(cfg.n_levels) * 2 ** int(cfg.log2_table_size)
     return raw + compressed // 2 + 2 * model
+
+
+@contextmanager
+def _one_cpu_thread(device):
+    """On the CPU, run the block on one thread.  The init stage's tensors are small (thousands of Gaussians):
+    OpenMP's fan-out costs more than it gains, and on a busy machine its waiting threads made the demo's init
+    take 29 s instead of 2.9 s on one thread (2 cores shared with other work, 2026-12-02)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _init_model(cfg, case, fdk_vol, dsa_train, train_idx, checkpoint: Path, device):
@@ -425,36 +447,35 @@ def _iso_level(cfg: ReconstructConfig, vol: np.ndarray) -> float:
                          "(the trained model is kept: rerun with --resume)")
 
 
-def _write_outputs(cfg, case, model, mean_rho, vol, seg, verts, faces, folder: Path, device) -> np.ndarray:
-    """Every result file into `folder`; returns the renders of all frames [n, H, W] (for the image metrics).
+def _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, folder: Path, device,
+                   writes: BackgroundWrites) -> np.ndarray:
+    """Start writing every result file but the volume into `folder` on `writes`; returns the renders of all
+    frames [n, H, W] (for the image metrics).
 
-    Time-resolved volumes at evenly spaced frame times (4D DSA); renders of every frame at its time; a
-    fixed-view cine over all frame times.  GPU work first, then all files written in parallel (compression and
-    file I/O release the GIL)."""
+    Time-resolved volumes at evenly spaced frame times (4D DSA, laid out time-fastest on the device so that the
+    NRRD is written without a transposing copy); renders of every frame at its time; a fixed-view cine over all
+    frame times."""
     n, grid, geometry, all_times = case.n_frames, case.grid, case.geometry, case.times
+    f = {k: folder / name for k, name in OUTPUT_FILES.items()}
+    writes.submit(write_labelmap, f["segmentation"], seg, grid)
+    writes.submit(write_mesh, f["mesh_stl"], verts, faces)
+    writes.submit(write_mesh, f["mesh_vtk"], verts, faces)
+    writes.submit(write_gaussians_ply, f["gaussians"], model, mean_rho)
+    writes.submit(save_model, f["model"], model)
     with torch.no_grad():
         t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
-        vols4 = np.stack([voxelize(model.means, model.scales, model.rotations, rho_t, grid).cpu().numpy()
-                          for rho_t in model.rho_at_times(t4)])
+        vols4 = torch.empty((*reversed(grid.resolution), len(t4)), device=device)  # [nz, ny, nx, T]
+        for k, rho_t in enumerate(model.rho_at_times(t4)):
+            vols4[..., k] = voxelize(model.means, model.scales, model.rotations, rho_t, grid).permute(2, 1, 0)
+        vols4 = vols4.cpu().numpy().transpose(3, 2, 1, 0)  # [T, nx, ny, nz], Fortran-contiguous
+        writes.submit(write_sequence_nrrd, f["volume_4d"], vols4, grid, t4)
+        spacing = geometry.detector_spacing
         renders = render_frames(model, geometry, range(n), all_times, device)
-        cine = render_frames(model, geometry, [cfg.cine_frame] * n, all_times, device)
-    spacing = geometry.detector_spacing
-    f = {k: folder / name for k, name in OUTPUT_FILES.items()}
-    jobs = [
-        (write_volume, f["volume"], vol, grid),
-        (write_mesh, f["mesh_stl"], verts, faces),
-        (write_mesh, f["mesh_vtk"], verts, faces),
-        (write_labelmap, f["segmentation"], seg, grid),
-        (write_sequence_nrrd, f["volume_4d"], vols4, grid, t4),
-        (write_stack, f["renders"], renders, spacing),
-        (write_stack, f["cine"], cine, spacing),
-        (write_gaussians_ply, f["gaussians"], model, mean_rho),
-        (save_model, f["model"], model),
-    ]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for fut in [pool.submit(job[0], *job[1:]) for job in jobs]:
-            fut.result()
+        writes.submit(write_stack, f["renders"], renders, spacing)
+        writes.submit(write_stack, f["cine"], render_frames(model, geometry, [cfg.cine_frame] * n, all_times,
+                                                            device), spacing)
     return renders
+
 
 def run_fdk(case_path, out, views: int = 30, device: str = "auto", iso_level: float | None = None,
             use_secondary_angle: bool = True, detector_binning: int | str = "auto") -> dict:

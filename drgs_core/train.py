@@ -175,20 +175,11 @@ def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStrateg
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device, n_train: int,
+def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device,
                     capturable: bool = False, fingerprint: dict | None = None) -> tuple:
     payload = fingerprints.load_payload(path, device)
+    # the fingerprint holds the case and every model setting (views, schedule, iterations, seed, ...)
     fingerprints.check(payload.get("fingerprint"), fingerprint, path)
-    saved = payload.get("train_config", {})
-    changed = [k for k in ("schedule", "iterations", "densify_until", "seed") if saved.get(k) != getattr(cfg, k)]
-    if payload.get("n_train") != n_train:
-        changed.append(f"the number of training views ({payload.get('n_train')} vs {n_train})")
-    if changed:
-        raise DRGSInputError(f"the checkpoint {path} belongs to a different run",
-                             "differs in " + ", ".join(changed),
-                             "the same views, schedule, iterations and seed as the run that wrote it",
-                             "resume with the original settings, or start afresh without --resume "
-                             "(or with another --out)")
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
     opt = make_optimizer(model, cfg, capturable)
@@ -234,7 +225,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
-        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, n_train, runner.use_graph,
+        opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, runner.use_graph,
                                             fingerprint)
         strategy.load_state_dict(stats)
         rng.bit_generator.state = state.rng

@@ -29,12 +29,21 @@ MODES = ("auto", "on", "off")
 
 
 def _smooth(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Separable Gaussian blur of [n, H, W] (border replicated) as a sum of shifted slices: a one-channel conv2d
+    takes 8 s on two CPU cores at 133 x 512^2, these 2 x 7 multiply-adds 0.7 s."""
     r = max(1, int(round(3 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = (k / k.sum()).to(x.device)
-    y = F.conv2d(F.pad(x[:, None], (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return y[:, 0]
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (k / k.sum()).tolist()
+    n, H, W = x.shape
+    xp = F.pad(x[:, None], (r, r, 0, 0), mode="replicate")[:, 0]
+    y = xp[..., 0:W] * k[0]
+    for i in range(1, 2 * r + 1):
+        y.add_(xp[..., i:i + W], alpha=k[i])
+    yp = F.pad(y[:, None], (0, 0, r, r), mode="replicate")[:, 0]
+    z = yp[:, 0:H] * k[0]
+    for i in range(1, 2 * r + 1):
+        z.add_(yp[:, i:i + H], alpha=k[i])
+    return z
 
 
 def shift_images(img: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -91,13 +100,14 @@ def estimate_shifts(fill: np.ndarray, mask: np.ndarray, iterations: int = 12, ma
     return d.cpu().numpy().astype(np.float64), {"residual_before": before, "residual_after": after}
 
 
-def register_case(case, mode: str = "auto", min_gain: float = 0.05):
+def register_case(case, mode: str = "auto", min_gain: float = 0.05, device="cpu"):
     """The case with its DSA recomputed from the mask run shifted onto the fill run, and a report.
 
     mode "off": unchanged; "on": always; "auto": only when the background residual drops by more than
     `min_gain` (a fraction) and some frame moved by more than 0.05 px.  A case without raw runs is returned
     unchanged.  Report: {"mode", "applied", "mean_shift_px", "max_shift_px", "residual_before",
-    "residual_after"}."""
+    "residual_after"}.  device: where to compute (the run's device: on a GPU the estimate takes a fraction of a
+    second at 133 x 512^2, on two CPU cores about half a minute)."""
     if mode not in MODES:
         raise DRGSInputError("unknown registration mode", repr(mode), "auto, on or off")
     report = {"mode": mode, "applied": False}
@@ -105,15 +115,16 @@ def register_case(case, mode: str = "auto", min_gain: float = 0.05):
         if case.fill is None and mode == "on":
             log.warning("registration requested, but the case has no raw runs (a DSA-only case): skipped")
         return dataclasses.replace(case, meta={**case.meta, "registration": report}), report
-    d, energy = estimate_shifts(case.fill, case.mask)
+    d, energy = estimate_shifts(case.fill, case.mask, device=device)
     norm = np.hypot(d[:, 0], d[:, 1])
     report.update(energy, mean_shift_px=float(norm.mean()), max_shift_px=float(norm.max()))
     gain = 1.0 - energy["residual_after"] / max(energy["residual_before"], 1e-30)
     report["residual_reduction"] = float(gain)
     if mode == "auto" and (gain <= min_gain or norm.max() <= 0.05):
         return dataclasses.replace(case, meta={**case.meta, "registration": report}), report
-    mask = shift_images(torch.as_tensor(case.mask, dtype=torch.float32), torch.as_tensor(d, dtype=torch.float32))
-    mask = mask.numpy()
+    mask = shift_images(torch.as_tensor(case.mask, dtype=torch.float32, device=device),
+                        torch.as_tensor(d, dtype=torch.float32, device=device))
+    mask = mask.cpu().numpy()
     dsa = dsa_from_runs(case.fill, mask, "the registered runs")  # the shift keeps the mask positive (border copy)
     report["applied"] = True
     log.info("mask-to-fill registration: mean shift %.2f px (max %.2f), background residual -%.0f %%",

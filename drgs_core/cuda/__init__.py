@@ -55,21 +55,30 @@ def forced_backend() -> str | None:
     return name
 
 
+_modules: dict = {}    # name -> imported backend module (or None)
+_usable: dict = {}     # name -> bool: each backend's loader / probe runs once per process, so its answer holds
+
+
 def backend_module(name: str):
     """The module of GPU backend `name` ("cuda-ext" or "triton"), imported lazily; None if it cannot import
     (e.g. triton missing)."""
-    try:
-        return importlib.import_module(_MODULES[name], __name__)
-    except ImportError:
-        return None
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(_MODULES[name], __name__)
+        except ImportError:
+            _modules[name] = None
+    return _modules[name]
 
 
 def is_available(name: str) -> bool:
-    """True when backend `name` can run kernels here ("torch" always can)."""
+    """True when backend `name` can run kernels here ("torch" always can).  Resolved once per backend and
+    process (the kernels call `active_backend` on every launch); $DRGS4D_BACKEND is still read on every call."""
     if name == "torch":
         return True
-    module = backend_module(name)
-    return module is not None and module.available()
+    if name not in _usable:
+        module = backend_module(name)
+        _usable[name] = module is not None and module.available()
+    return _usable[name]
 
 
 def _reason(name: str) -> str | None:
@@ -86,7 +95,8 @@ def active_backend(device="cuda") -> str:
 
     Raises DRGSInputError when $DRGS4D_BACKEND forces a backend that cannot run here.
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     forced = forced_backend()
     if device.type != "cuda":
         return "torch"

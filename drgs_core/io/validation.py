@@ -343,11 +343,13 @@ def sanitise_intensities(run: np.ndarray, what: str, strict: bool = False) -> tu
     and a warning is logged; with ``strict=True`` such pixels raise instead.  A run with no positive finite
     pixel at all always raises.  Returns (run, report) where report counts what was replaced.
     """
+    report = {"replaced": 0, "non_finite": 0, "non_positive": 0, "frames": []}
+    if run.size and run.min() > 0 and np.isfinite(run.max()):
+        return run, report  # the usual case in two fast passes (a NaN minimum compares False)
     finite = np.isfinite(run)
     bad = ~finite
     bad |= run <= 0  # NaN compares False, already counted as non-finite
     n_bad = int(np.count_nonzero(bad))
-    report = {"replaced": 0, "non_finite": 0, "non_positive": 0, "frames": []}
     if n_bad == 0:
         return run, report
     n_nonfinite = int(run.size - np.count_nonzero(finite))

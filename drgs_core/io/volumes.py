@@ -17,6 +17,7 @@ All writes are atomic (see :mod:`drgs_core.io.atomic`).
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ..errors import DRGSInputError
 from ..geometry import VolumeGrid
 from .atomic import (WriteVerificationError, atomic_folder, atomic_path, move_files_in_order, verify_gzip_length,
                      verify_size)
+from .gzip_parallel import write_gzip
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,11 @@ def _write_nifti(tmp: Path, arr: np.ndarray, grid: VolumeGrid, label: bool) -> N
     img.header.set_xyzt_units(xyz="mm")
     if label:
         img.header.set_intent("label")
-    nib.save(img, str(tmp))
+    if tmp.name.lower().endswith(".gz"):  # the bytes nib.save would write, gzip-compressed on all cores
+        with open(tmp, "wb") as fh:
+            write_gzip(fh, img.to_bytes())
+    else:
+        nib.save(img, str(tmp))
 
 
 def _write_nrrd_any(path: Path, arr: np.ndarray, header: dict, fmt: str) -> None:
@@ -220,10 +226,9 @@ def write_sequence_nrrd(path, volumes, grid: VolumeGrid, times, *, index_name: s
     domain``, ``space directions: none (dx,0,0) (0,dy,0) (0,0,dz)``, ``labels: "<index_name>" "" "" ""``; custom
     fields ``axis 0 index type:=numeric``, ``axis 0 index values:=t0 t1 ...`` (the `times`, e.g. normalised
     frame times in [0, 1)), ``DataNodeClassName:=vtkMRMLScalarVolumeNode``.  Space/origin as write_volume.
-    Use the extension ``.seq.nrrd`` (or ``.nrrd``).  Atomic.  Returns the path.
+    Use the extension ``.seq.nrrd`` (or ``.nrrd``).  Gzip-encoded (level 1, compressed on all cores).  Atomic.
+    Returns the path.
     """
-    import nrrd
-
     path = Path(path)
     if volume_format(path) != "nrrd":
         raise DRGSInputError("a sequence must be written as an attached NRRD", Path(path).name,
@@ -234,22 +239,34 @@ def write_sequence_nrrd(path, volumes, grid: VolumeGrid, times, *, index_name: s
         raise DRGSInputError("the sequence index values do not match the volumes",
                              f"{t.size} times for {arr.shape[0]} volumes", "one finite time per volume",
                              "pass times with one value per volume")
-    header = _nrrd_header(grid)
-    directions = np.full((4, 3), np.nan)
-    directions[1:] = np.diag(np.asarray(grid.spacing, float))
-    header["space directions"] = directions
-    header["kinds"] = ["list", "domain", "domain", "domain"]
-    header["labels"] = [index_name, "", "", ""]
+    sp = [repr(float(x)) for x in grid.spacing]
+    quoted = lambda values: " ".join(f'"{v}"' for v in values)  # noqa: E731
+    lines = ["NRRD0005", "# Complete NRRD file format specification at:",
+             "# http://teem.sourceforge.net/nrrd/format.html", f"type: {_NRRD_TYPES[arr.dtype.str[1:]]}",
+             "dimension: 4",
+             "space: left-posterior-superior", "sizes: " + " ".join(str(int(x)) for x in arr.shape),
+             f"space directions: none ({sp[0]},0,0) (0,{sp[1]},0) (0,0,{sp[2]})",
+             "kinds: list domain domain domain", "endian: little", "encoding: gzip",
+             "labels: " + quoted([index_name, "", "", ""])]
     if index_unit:
-        header["units"] = [index_unit, "", "", ""]
-    header["axis 0 index type"] = "numeric"
-    header["axis 0 index values"] = " ".join(repr(float(x)) for x in t)
-    header["DataNodeClassName"] = "vtkMRMLScalarVolumeNode"
-    # Uncompressed: T full volumes gzip at ~25 MB/s, which dominated the end-to-end time at 256^3.
-    header["encoding"] = "raw"
+        lines.append("units: " + quoted([index_unit, "", "", ""]))
+    lines += ["space origin: (" + ",".join(repr(float(x)) for x in grid.first_voxel_centre) + ")",
+              "axis 0 index type:=numeric", "axis 0 index values:=" + " ".join(repr(float(x)) for x in t),
+              "DataNodeClassName:=vtkMRMLScalarVolumeNode"]
+    # the time axis varies fastest in the file: an array laid out that way (Fortran order, as the pipeline makes
+    # it on the GPU) is written without a transposing copy
+    data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False).T)
+    # gzip level 1 on all cores: ~18x smaller than raw for mostly empty vessel volumes, and faster to disk
     with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
-        nrrd.write(str(tmp), arr, header, index_order="F")
+        with open(tmp, "wb") as fh:
+            fh.write(("\n".join(lines) + "\n\n").encode("ascii"))
+            write_gzip(fh, data, level=1)
     return path
+
+
+#: numpy dtype (without byte order) -> NRRD type, for write_sequence_nrrd
+_NRRD_TYPES = {"f4": "float", "f8": "double", "u1": "uint8", "i1": "int8", "u2": "uint16", "i2": "int16",
+               "u4": "uint32", "i4": "int32"}
 
 
 def read_sequence_nrrd(path) -> tuple[np.ndarray, "VolumeInfo", np.ndarray]:
@@ -300,7 +317,18 @@ def write_stack(path, stack, spacing, *, dtype=np.float32) -> Path:
     img.SetSpacing((sx, sy, 1.0))
     img.SetOrigin((-(w - 1) / 2 * sx, -(h - 1) / 2 * sy, 0.0))
     with atomic_path(path, verify=_image_verifier(arr.nbytes)) as tmp:
-        sitk.WriteImage(img, str(tmp), True, 1)
+        if tmp.name.lower().endswith(".nii.gz"):
+            # ITK's uncompressed NIfTI (same header), then gzip on all cores: ITK compresses on one thread
+            raw = tmp.with_name(tmp.name[:-3])
+            try:
+                sitk.WriteImage(img, str(raw), False)
+                data = raw.read_bytes()
+            finally:
+                raw.unlink(missing_ok=True)
+            with open(tmp, "wb") as fh:
+                write_gzip(fh, data)
+        else:
+            sitk.WriteImage(img, str(tmp), True, 1)
     return path
 
 
@@ -470,13 +498,19 @@ def read_volume(path, *, reorient: bool = True) -> tuple[np.ndarray, VolumeInfo]
     if not path.is_file():
         raise DRGSInputError("volume file not found", str(path), "an existing .nii/.nii.gz/.nrrd/.nhdr file",
                              "check the path")
-    _check_gzip_stream(path, f"volume {path.name}")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown error"
+    # ITK may zero-fill a cut-off .gz, so the stream is checked to its end - on a thread, while ITK reads
+    # (ITK releases the GIL): the file is inflated twice, but the wall time is about one inflate
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(_check_gzip_stream, path, f"volume {path.name}")
+        try:
+            img, failure = sitk.ReadImage(str(path)), None
+        except RuntimeError as exc:
+            img, failure = None, exc
+        check.result()  # a damaged stream is reported as such, before ITK's message
+    if failure is not None:
+        first = str(failure).strip().splitlines()[-1][:200] if str(failure).strip() else "unknown error"
         raise DRGSInputError(f"the volume {path.name} could not be read", first, "a readable NIfTI or NRRD volume",
-                             "check that the file is complete") from None
+                             "check that the file is complete")
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise DRGSInputError(f"{path.name} is not a 3D scalar volume",
                              f"{img.GetDimension()}D, {img.GetNumberOfComponentsPerPixel()} components",
