@@ -314,7 +314,9 @@ def test_probe_names_the_backend_and_a_time_only_where_known(env):
     assert event["backend"] == active_backend(device) and event["backend_device"] == device
     assert len(event["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
     # the rough figure exists for GPUs only, from the rates in worker.EXPECTED_IT_PER_S
-    assert worker.expected_speed("cuda-ext", "cuda") == {"it_per_s": 700.0, "fast_run_s": round(10000 / 700 + 15)}
+    for backend in ("cuda-ext", "triton"):
+        rate = worker.EXPECTED_IT_PER_S[backend]
+        assert worker.expected_speed(backend, "cuda") == {"it_per_s": rate, "fast_run_s": round(10000 / rate + 15)}
     assert worker.expected_speed("torch", "cuda")["it_per_s"] == 10.0  # the reference path on a GPU
     assert worker.expected_speed("torch", "cpu") == {"it_per_s": None, "fast_run_s": None}
     if device == "cpu":
