@@ -47,7 +47,7 @@ def drop_specks(volume: np.ndarray, level: float, min_voxels="auto", spacing=(1.
     within this distance (mm, centre to centre) of a large component stay (0: every small component goes).
     Returns (cleaned volume: the dropped voxels set to 0, segmentation [nx, ny, nz] bool without the specks,
     info {"min_voxels", "gap_mm", "components", "kept_near", "dropped_components", "dropped_voxels",
-    "dropped_fraction"}).
+    "dropped_fraction", "small_fraction": the share of segmented voxels in small components, near or not}).
     """
     vol = np.asarray(volume)
     seg = vol >= level
