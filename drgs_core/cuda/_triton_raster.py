@@ -37,8 +37,16 @@ PROJECT_BLOCK = 128  # Gaussians per program of the projection (one per lane)
 
 
 @triton.jit
-def _finite(x):
+def finite(x):
     return x - x == 0.0
+
+
+@triton.jit
+def quat_rotation(qw, qx, qy, qz):
+    """The rotation matrix (row-major R00 .. R22) of a unit quaternion (w, x, y, z)."""
+    return (1.0 - 2.0 * (qy * qy + qz * qz), 2.0 * (qx * qy - qw * qz), 2.0 * (qx * qz + qw * qy),
+            2.0 * (qx * qy + qw * qz), 1.0 - 2.0 * (qx * qx + qz * qz), 2.0 * (qy * qz - qw * qx),
+            2.0 * (qx * qz - qw * qy), 2.0 * (qy * qz + qw * qx), 1.0 - 2.0 * (qx * qx + qy * qy))
 
 
 @triton.jit
@@ -93,7 +101,7 @@ def _project_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, pr
     xa = C00 * mu0 + C01 * mu1 + C02 * mu2 + T0
     ya = C10 * mu0 + C11 * mu1 + C12 * mu2 + T1
     za = C20 * mu0 + C21 * mu1 + C22 * mu2 + T2
-    front = _finite(xa) & _finite(ya) & _finite(za) & (za >= 0.2 * T2)
+    front = finite(xa) & finite(ya) & finite(za) & (za >= 0.2 * T2)
     x = tl.where(front, xa, T0)
     y = tl.where(front, ya, T1)
     z = tl.where(front, za, T2)
@@ -111,15 +119,7 @@ def _project_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, pr
     qx = q1 / qnorm
     qy = q2 / qnorm
     qz = q3 / qnorm
-    R00 = 1.0 - 2.0 * (qy * qy + qz * qz)
-    R01 = 2.0 * (qx * qy - qw * qz)
-    R02 = 2.0 * (qx * qz + qw * qy)
-    R10 = 2.0 * (qx * qy + qw * qz)
-    R11 = 1.0 - 2.0 * (qx * qx + qz * qz)
-    R12 = 2.0 * (qy * qz - qw * qx)
-    R20 = 2.0 * (qx * qz - qw * qy)
-    R21 = 2.0 * (qy * qz + qw * qx)
-    R22 = 1.0 - 2.0 * (qx * qx + qy * qy)
+    R00, R01, R02, R10, R11, R12, R20, R21, R22 = quat_rotation(qw, qx, qy, qz)
     # W2 = J2 Rc (rows of the screen Jacobian times the camera rotation)
     J00 = fx * iz
     J02 = -fx * x * iz2
@@ -140,7 +140,7 @@ def _project_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, m2_ptr, cam_ptr, pr
     k02 = M00 * M12 - M02 * M10
     k12 = M01 * M12 - M02 * M11
     det2 = k01 * k01 + k02 * k02 + k12 * k12                      # Cauchy-Binet, >= 0
-    valid = front & (det2 > 0.0) & _finite(det2) & _finite(u) & _finite(v)
+    valid = front & (det2 > 0.0) & finite(det2) & finite(u) & finite(v)
     det_s = tl.where(valid, det2, 1.0)
     a_s = tl.where(valid, a, 1.0)
     cc_s = tl.where(valid, cc, 1.0)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..render.common import FOOTPRINT_SIGMAS
 from ._triton import on_device
+from ._triton_raster import finite, quat_rotation
 
 BLOCK = 256                 # voxels per step of one program's box walk
 MIN_PROGRAMS = 1 << 16      # few Gaussians: split boxes until at least this many programs run (GPU occupancy)
@@ -34,11 +35,6 @@ MAX_VOXELS = 2**31 - 1 - BLOCK   # box indices are int32
 # no FMA contraction: voxel centres o + k sp then round as the reference's (numpy) axes do, so that a centre on
 # a box face is decided alike (the interpreter takes no such option and never contracts)
 _NO_FMA = {} if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else {"enable_fp_fusion": False}
-
-
-@triton.jit
-def _finite(x):
-    return x - x == 0.0
 
 
 @triton.jit
@@ -88,8 +84,8 @@ def _voxel_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, grid_ptr, vol_ptr, n0
     sp2 = tl.load(grid_ptr + 5)
 
     qn2 = q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3
-    ok = (_finite(mu0) & _finite(mu1) & _finite(mu2) & _finite(s0) & _finite(s1) & _finite(s2)
-          & (s0 > 0.0) & (s1 > 0.0) & (s2 > 0.0) & _finite(qn2) & (qn2 > 0.0))
+    ok = (finite(mu0) & finite(mu1) & finite(mu2) & finite(s0) & finite(s1) & finite(s2)
+          & (s0 > 0.0) & (s1 > 0.0) & (s2 > 0.0) & finite(qn2) & (qn2 > 0.0))
     # invalid Gaussians go on with harmless stand-ins and an empty box
     mu0 = tl.where(ok, mu0, 0.0)
     mu1 = tl.where(ok, mu1, 0.0)
@@ -102,21 +98,13 @@ def _voxel_kernel(means_ptr, scales_ptr, rot_ptr, rho_ptr, grid_ptr, vol_ptr, n0
     qx = tl.where(ok, q1, 0.0) * inv
     qy = tl.where(ok, q2, 0.0) * inv
     qz = tl.where(ok, q3, 0.0) * inv
-    R00 = 1.0 - 2.0 * (qy * qy + qz * qz)
-    R01 = 2.0 * (qx * qy - qw * qz)
-    R02 = 2.0 * (qx * qz + qw * qy)
-    R10 = 2.0 * (qx * qy + qw * qz)
-    R11 = 1.0 - 2.0 * (qx * qx + qz * qz)
-    R12 = 2.0 * (qy * qz - qw * qx)
-    R20 = 2.0 * (qx * qz - qw * qy)
-    R21 = 2.0 * (qy * qz + qw * qx)
-    R22 = 1.0 - 2.0 * (qx * qx + qy * qy)
+    R00, R01, R02, R10, R11, R12, R20, R21, R22 = quat_rotation(qw, qx, qy, qz)
     # half widths of the box: SIGMAS sqrt(Sigma_dd), Sigma_dd = sum_k R_dk^2 s_k^2
     v0, v1, v2 = s0 * s0, s1 * s1, s2 * s2
     h0 = SIGMAS * tl.sqrt(R00 * R00 * v0 + R01 * R01 * v1 + R02 * R02 * v2)
     h1 = SIGMAS * tl.sqrt(R10 * R10 * v0 + R11 * R11 * v1 + R12 * R12 * v2)
     h2 = SIGMAS * tl.sqrt(R20 * R20 * v0 + R21 * R21 * v1 + R22 * R22 * v2)
-    ok = ok & _finite(h0) & _finite(h1) & _finite(h2)
+    ok = ok & finite(h0) & finite(h1) & finite(h2)
     a0, b0 = _axis_range(mu0, tl.where(ok, h0, 0.0), o0, sp0, n0)
     a1, b1 = _axis_range(mu1, tl.where(ok, h1, 0.0), o1, sp1, n1)
     a2, b2 = _axis_range(mu2, tl.where(ok, h2, 0.0), o2, sp2, n2)
