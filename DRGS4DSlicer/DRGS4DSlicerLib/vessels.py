@@ -57,13 +57,18 @@ def oriented_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
     """A vtkOrientedImageData (a segment's labelmap) holding ``mask_kji`` as 0/1 unsigned char."""
     import slicer  # vtkSegmentationCore's data class (a VTK object, not an MRML node)
 
+    image = _with_mask(slicer.vtkOrientedImageData(), mask_kji)
+    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
+    return image
+
+
+def _with_mask(image, mask_kji: np.ndarray):
+    """`image` (a vtkImageData) sized to ``mask_kji`` [k, j, i] and holding a copy of it as 0/1 unsigned char."""
     mask = np.ascontiguousarray(mask_kji, dtype=np.uint8)
     k, j, i = mask.shape
-    image = slicer.vtkOrientedImageData()
     image.SetDimensions(i, j, k)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.reshape(-1), deep=True,
                                                                 array_type=vtk.VTK_UNSIGNED_CHAR))
-    image.SetImageToWorldMatrix(_vtk_matrix(ijk_to_ras))
     return image
 
 
@@ -176,13 +181,7 @@ def mask_on_grid(snapshot: LabelmapSnapshot) -> np.ndarray:
 
 def label_image(mask_kji: np.ndarray, ijk_to_ras: np.ndarray):
     """(vtkImageData holding the 0/1 mask, IJK->RAS) for a labelmap volume node: the node only swaps it in."""
-    mask = np.ascontiguousarray(mask_kji, dtype=np.uint8)
-    k, j, i = mask.shape
-    image = vtk.vtkImageData()
-    image.SetDimensions(i, j, k)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.reshape(-1), deep=True,
-                                                                array_type=vtk.VTK_UNSIGNED_CHAR))
-    return image, np.asarray(ijk_to_ras, float)
+    return _with_mask(vtk.vtkImageData(), mask_kji), np.asarray(ijk_to_ras, float)
 
 
 def labelmap_from_snapshot(snapshot: LabelmapSnapshot):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import pathlib
+import time
 import types
 import typing
 import xml.etree.ElementTree as ET
@@ -751,3 +752,18 @@ def scripted_loadable_module(module_dir):
                 ScriptedLoadableModuleTest):
         setattr(mod, cls.__name__, cls)
     return mod
+
+
+def tick_until(widget, done, timeout: float = 240.0, wait_limit: float | None = None) -> list:
+    """Run the panel's timer (``onPollWorker``, as Slicer's QTimer would) until ``done()``; returns the main-thread
+    CPU time of every tick (s).  wait_limit: also bound each tick's wall time (a handler must not wait idly)."""
+    durations, deadline = [], time.monotonic() + timeout
+    while not done():
+        t0, w0 = time.thread_time(), time.perf_counter()  # CPU time of this (the main) thread: stable when busy
+        widget.onPollWorker()
+        durations.append(time.thread_time() - t0)
+        if wait_limit is not None:
+            assert time.perf_counter() - w0 < wait_limit
+        assert time.monotonic() < deadline, widget.ui.statusLabel.text
+        time.sleep(0.01)
+    return durations

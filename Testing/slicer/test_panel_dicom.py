@@ -15,18 +15,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from slicer_standins import FakeDicomDatabase, load_module  # noqa: E402
-
-
-def _tick_until(widget, done, timeout=240.0):
-    durations, deadline = [], time.monotonic() + timeout
-    while not done():
-        t0 = time.thread_time()
-        widget.onPollWorker()
-        durations.append(time.thread_time() - t0)
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    return durations
+from slicer_standins import FakeDicomDatabase, load_module, tick_until  # noqa: E402
 
 
 @pytest.fixture
@@ -72,7 +61,7 @@ def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written,
     assert time.perf_counter() - t0 < 0.5 and "background" in widget.ui.dicomSummaryLabel.text
     assert not widget.ui.listDicomButton.enabled and not widget.ui.checkInputsButton.enabled
     lister = widget._task[1].lister
-    ticks = _tick_until(widget, lambda: widget._task is None)
+    ticks = tick_until(widget, lambda: widget._task is None)
     assert max(ticks) < 0.1
     assert threads and threading.main_thread() not in threads  # the database file was read in the background
     assert lister.sources == [str(written["mask"]), str(written["fill"])]  # the CT series was not handed over
@@ -108,7 +97,7 @@ def test_dicom_mode_lists_preselects_describes_and_reconstructs(widget, written,
     assert pathlib.Path(request["dicom"]) == job.run_dir / "inputs" / "dicom_runs.txt"  # kept with the run
     assert pathlib.Path(request["dicom"]).read_text().split() == [str(written["fill"]), str(written["mask"])]
     assert not widget.ui.listDicomButton.enabled and not widget.ui.inputsCollapsibleButton.enabled
-    _tick_until(widget, lambda: widget._job is None)
+    tick_until(widget, lambda: widget._job is None)
     assert job.state.status == "done", (job.state.error, job.log_lines[-20:])
     volume = p.resultVolume
     grid = listing.pair(mask_id, fill_id)["geometry"]["volume_resolution"]
@@ -122,7 +111,7 @@ def test_a_folder_without_runs_and_an_empty_database_say_what_to_do(widget, monk
     p.inputMode = "DICOM"
     monkeypatch.setattr(slicer, "dicomDatabase", FakeDicomDatabase(tmp_path / "empty", {}), raising=False)
     widget.onListDicom()
-    _tick_until(widget, lambda: widget._task is None, timeout=60)
+    tick_until(widget, lambda: widget._task is None, timeout=60)
     assert "holds no XA series" in widget.ui.dicomSummaryLabel.text
     monkeypatch.setattr(slicer, "dicomDatabase", None, raising=False)
     widget.onListDicom()
@@ -132,7 +121,7 @@ def test_a_folder_without_runs_and_an_empty_database_say_what_to_do(widget, monk
     assert widget._task is None and "Choose a folder" in widget.ui.dicomSummaryLabel.text
     p.dicomFolder = tmp_path / "missing"
     widget.onListDicom()
-    _tick_until(widget, lambda: widget._task is None, timeout=120)
+    tick_until(widget, lambda: widget._task is None, timeout=120)
     assert "could not be listed" in widget.ui.dicomSummaryLabel.text
     assert "does not exist" in widget.ui.dicomSummaryLabel.text
     assert widget.ui.dicomMaskComboBox.count == 0 and not widget.ui.applyButton.enabled

@@ -7,7 +7,6 @@ import hashlib
 import pathlib
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ SERVE_TESTS = pathlib.Path(__file__).resolve().parents[1] / "serve"
 if str(SERVE_TESTS) not in sys.path:
     sys.path.insert(0, str(SERVE_TESTS))
 from server_proc import Server  # noqa: E402
-from slicer_standins import load_module  # noqa: E402
+from slicer_standins import load_module, tick_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +42,6 @@ def widget(monkeypatch, scene, tmp_path, worker_env):
     sys.modules.pop("DRGS4DSlicer", None)
 
 
-def _tick_until(widget, done, timeout=240.0):
-    durations, deadline = [], time.monotonic() + timeout
-    while not done():
-        t0 = time.thread_time()
-        widget.onPollWorker()
-        durations.append(time.thread_time() - t0)
-        assert time.monotonic() < deadline, widget.ui.statusLabel.text
-        time.sleep(0.02)
-    return durations
-
-
 def _enter_server(widget, url, token):
     widget.ui.remoteUrlLineEdit.text = url
     widget.ui.remoteTokenLineEdit.text = token
@@ -70,12 +58,12 @@ def test_settings_hold_the_token_and_test_connection_asks_the_server(widget, ser
     assert settings == {"DRGS4D/RemoteURL": server.url, "DRGS4D/RemoteToken": "not-the-token"}
     widget.onTestConnection()
     assert not widget.ui.testConnectionButton.enabled and "Connecting" in widget.ui.remoteInfoLabel.text
-    _tick_until(widget, lambda: widget._task is None, timeout=60)
+    tick_until(widget, lambda: widget._task is None, timeout=60)
     assert "No connection" in widget.ui.remoteInfoLabel.text and "token" in widget.ui.remoteInfoLabel.text
 
     _enter_server(widget, server.url, server.token)
     widget.onTestConnection()
-    ticks = _tick_until(widget, lambda: widget._task is None, timeout=60)
+    ticks = tick_until(widget, lambda: widget._task is None, timeout=60)
     assert "Connected: drgs4d server" in widget.ui.remoteInfoLabel.text and "1 worker slot" in \
         widget.ui.remoteInfoLabel.text
     assert max(ticks) < 0.05 and widget.ui.testConnectionButton.enabled
@@ -108,7 +96,7 @@ def test_reconstruct_on_the_server_lands_in_the_scene_like_a_local_run(widget, s
     assert job is not None, widget.ui.statusLabel.text
     assert isinstance(job.worker, remote.RemoteJob) and "remote server" in job.state.text
     assert widget.ui.applyButton.text == "Cancel" and not widget.ui.engineCollapsibleButton.enabled
-    ticks = _tick_until(widget, lambda: widget._job is None)
+    ticks = tick_until(widget, lambda: widget._job is None)
     assert job.state.status == "done", (job.state.error, job.log_lines[-10:])
     assert max(ticks) < 0.1, sorted(ticks)[-5:]
     assert job.state.snapshots == [50]  # the server's preview was downloaded and shown
@@ -144,12 +132,12 @@ def test_cancel_stops_the_server_job_without_blocking_and_keeps_its_checkpoint(w
     p.preset, p.views, p.iterations, p.previewInterval = "tiny", 8, 5000, 0
     widget.onApplyButton()
     job = widget._job
-    _tick_until(widget, lambda: job.state.stage == "train" and (job.state.iteration or 0) >= 3)
+    tick_until(widget, lambda: job.state.stage == "train" and (job.state.iteration or 0) >= 3)
     threads, request_cancel = [], job.worker.request_cancel
     job.worker.request_cancel = lambda *a: (threads.append(threading.current_thread()), request_cancel(*a))
     widget.onApplyButton()  # Cancel: the HTTP request goes out from a background thread
     assert job.state.status == "cancelling"
-    _tick_until(widget, lambda: widget._job is None)
+    tick_until(widget, lambda: widget._job is None)
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
     assert job.state.status == "cancelled" and job.state.checkpoint == str(job.run_dir / "checkpoint.pt")
     assert (job.run_dir / "checkpoint.pt").is_file() and "Press Resume" in widget.ui.statusLabel.text

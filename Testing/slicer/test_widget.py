@@ -20,7 +20,7 @@ import vtk
 slicer = pytest.importorskip("slicer")
 
 import slicer_standins as si  # noqa: E402
-from slicer_standins import load_module  # noqa: E402
+from slicer_standins import load_module, tick_until  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODULE_DIR = REPO / "DRGS4DSlicer"
@@ -286,17 +286,8 @@ WAIT_LIMIT_S = 2.0  # wall-clock bound of one call: catches a handler that waits
 
 
 def _tick_until(widget, done, timeout=120.0):
-    """Run the panel's timer until ``done()``; returns the main-thread CPU time of every tick (s).  No tick may wait
-    either (wall clock)."""
-    durations, deadline = [], time.monotonic() + timeout
-    while not done():
-        t0, w0 = time.thread_time(), time.perf_counter()  # CPU time of this (the main) thread: stable when busy
-        widget.onPollWorker()
-        durations.append(time.thread_time() - t0)
-        assert time.perf_counter() - w0 < WAIT_LIMIT_S
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return durations
+    """`tick_until` with the wall-clock bound of one tick: no handler may wait either."""
+    return tick_until(widget, done, timeout, wait_limit=WAIT_LIMIT_S)
 
 
 def test_check_inputs_runs_in_the_background(monkeypatch, scene, tmp_path, tiny_case, worker_env):
