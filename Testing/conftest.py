@@ -5,8 +5,12 @@
   results bit-reproducible.  Worker subprocesses get the same through `worker_env`.
 - `tiny_case`: the reduced demo phantom of DRGS4DSlicerLib.selftest, written once per session (the same case
   the module's in-Slicer self-test uses).
+- `degrees_case(folder)`: writes a broken copy of it (angles in degrees) into `folder`.
 """
 
+import json
+import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,3 +42,20 @@ def tiny_case(tmp_path_factory):
     from DRGS4DSlicerLib.selftest import write_tiny_phantom
 
     return write_tiny_phantom(tmp_path_factory.mktemp("tiny") / "case")
+
+
+@pytest.fixture(scope="session")
+def degrees_case(tiny_case):
+    """degrees_case(folder) -> folder: a copy of the tiny case whose transforms.json gives the angles in degrees
+    (a common export mistake that the input checks must refuse)."""
+
+    def make(folder: Path) -> Path:
+        shutil.copytree(tiny_case, folder, ignore=shutil.ignore_patterns("truth"))
+        path = folder / "transforms.json"
+        data = json.loads(path.read_text())
+        for frame in data["frames"]:
+            frame["PrimaryAngle"] = math.degrees(frame["PrimaryAngle"])
+        path.write_text(json.dumps(data))
+        return folder
+
+    return make

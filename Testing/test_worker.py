@@ -9,9 +9,7 @@ resume to the end) and cancel before training (nothing to resume).
 """
 
 import json
-import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,17 +30,6 @@ def _request(case, out, **kw):
            "n_gaussians": 400, "times_4d": 2, "snapshot_every": 10, "checkpoint_every": 10, "progress_every": 1}
     req.update(kw)
     return req
-
-
-def _degrees_case(tiny_case, folder: Path) -> Path:
-    """A copy of the tiny case whose transforms.json gives the angles in degrees (a common export mistake)."""
-    shutil.copytree(tiny_case, folder, ignore=shutil.ignore_patterns("truth"))
-    path = folder / "transforms.json"
-    data = json.loads(path.read_text())
-    for frame in data["frames"]:
-        frame["PrimaryAngle"] = math.degrees(frame["PrimaryAngle"])
-    path.write_text(json.dumps(data))
-    return folder
 
 
 def _corrupt_checkpoint(out: Path) -> None:
@@ -100,8 +87,8 @@ def test_every_event_of_a_real_run_passes_the_panel_parser(done_run):
         assert parsed.event.get("stage_known", True), event
 
 
-def test_run_input_error_from_a_broken_case(tiny_case, tmp_path, one_torch_thread):
-    case = _degrees_case(tiny_case, tmp_path / "degrees")
+def test_run_input_error_from_a_broken_case(degrees_case, tmp_path, one_torch_thread):
+    case = degrees_case(tmp_path / "degrees")
     events = []
     assert worker.run(_request(case, tmp_path / "run"), events.append, lambda: False) == worker.EXIT_INPUT
     err = events[-1]
@@ -246,10 +233,10 @@ def test_stdout_carries_only_protocol_lines(env):
 
 
 @pytest.mark.parametrize("outcome, code", [("input", 2), ("internal", 1)])
-def test_process_exit_codes_for_errors(tiny_case, tmp_path, env, outcome, code):
+def test_process_exit_codes_for_errors(tiny_case, degrees_case, tmp_path, env, outcome, code):
     out = tmp_path / "run"
     if outcome == "input":
-        request = _request(_degrees_case(tiny_case, tmp_path / "degrees"), out)
+        request = _request(degrees_case(tmp_path / "degrees"), out)
         done = _run_worker(["--config", _write_request(tmp_path, request)], env)
     else:  # an engine bug, planted in a real worker process
         code_text = ("import sys, drgs_core.pipeline as p\n"

@@ -9,9 +9,7 @@ jobs without touching their files; a stop request (Ctrl-C) must leave checkpoint
 
 import csv
 import json
-import math
 import os
-import shutil
 import signal
 
 import pytest
@@ -34,18 +32,8 @@ def ray_local():
     ray.shutdown()
 
 
-def _degrees_case(tiny_case, folder):
-    shutil.copytree(tiny_case, folder, ignore=shutil.ignore_patterns("truth"))
-    path = folder / "transforms.json"
-    data = json.loads(path.read_text())
-    for frame in data["frames"]:
-        frame["PrimaryAngle"] = math.degrees(frame["PrimaryAngle"])
-    path.write_text(json.dumps(data))
-    return folder
-
-
-def _manifest(tiny_case, folder):
-    _degrees_case(tiny_case, folder / "broken_case")
+def _manifest(tiny_case, degrees_case, folder):
+    degrees_case(folder / "broken_case")
     os.symlink(tiny_case, folder / "case")
     path = folder / "manifest.csv"
     path.write_text("name,case,views,iterations,checkpoint_every\n"
@@ -111,9 +99,9 @@ def test_a_dicom_root_gives_one_job_per_mask_fill_pair(tiny_case, tmp_path):
 # ---- Ray runs ------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def first_batch(ray_local, tiny_case, tmp_path_factory):
+def first_batch(ray_local, tiny_case, degrees_case, tmp_path_factory):
     folder = tmp_path_factory.mktemp("batch")
-    jobs = read_jobs(_manifest(tiny_case, folder), folder / "out", DEFAULTS)
+    jobs = read_jobs(_manifest(tiny_case, degrees_case, folder), folder / "out", DEFAULTS)
     killed = {}
 
     def kill_mid_training(state):
