@@ -124,6 +124,8 @@ def main():
     ap.add_argument("--reuse-phantom", action="store_true", help="reuse an existing phantom folder in --out")
     ap.add_argument("--no-cuda-graph", action="store_true", help="launch the training kernels eagerly (A/B)")
     ap.add_argument("--detector-binning", default="auto", help="'auto' (default) or a factor (1 = every pixel)")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="run under cProfile and print the N functions with the most cumulative time")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_paper needs a CUDA device")
@@ -166,7 +168,17 @@ def main():
 
     fn_times = instrument_pipeline()
     t0 = time.perf_counter()
-    result = run_reconstruction(cfg, on_event=on_event)
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        result = prof.runcall(run_reconstruction, cfg, on_event=on_event)
+        stats = pstats.Stats(prof)
+        stats.sort_stats("cumulative").print_stats(args.cprofile)
+        stats.sort_stats("tottime").print_stats(args.cprofile // 2)
+    else:
+        result = run_reconstruction(cfg, on_event=on_event)
     m = json.loads((run_dir / "metrics.json").read_text())
     # End to end = load .. outputs written (+ image metrics); the truth evaluation is bench bookkeeping.
     wall = m.get("end_to_end_s", time.perf_counter() - t0)

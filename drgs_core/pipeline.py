@@ -11,8 +11,10 @@ goes.  A failed, cancelled or killed run leaves the previous results of `out` as
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -246,6 +248,7 @@ def _run(cfg: ReconstructConfig, emit, should_stop) -> dict:
 
 def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: str | None) -> dict:
     out, stage_dir, device = folder.out, folder.staging, ctx.device
+    warm = _import_in_background("torch._dynamo")
     with ctx.stage("load"):
         case = load_case(cfg, device)
         n = case.n_frames
@@ -270,6 +273,7 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         fdk_vol = fdk(dsa_train, case.geometry.subset(train_idx), case.grid).clamp_min(0)
 
     with ctx.stage("init"), _one_cpu_thread(device):
+        warm.join()
         model, init_info, cameras = _init_model(cfg, case, fdk_vol, dsa_train, train_idx, out / "checkpoint.pt",
                                                 device)
         ctx.n_gaussians = model.n
@@ -386,6 +390,20 @@ def _output_bytes(cfg: ReconstructConfig, case) -> int:
     compressed = 4 * voxels + voxels + 2 * 4 * pixels
     model = 64 * int(cfg.max_gaussians) + 8 * int(cfg.n_levels) * 2 ** int(cfg.log2_table_size)
     return raw + compressed // 2 + 2 * model
+
+
+def _import_in_background(name: str) -> threading.Thread:
+    """Import module `name` on a side thread; join() it before the first use.  torch.optim's first optimizer
+    imports torch._dynamo (sympy, torch.fx, ...: 2-4 s), which is done here while the case loads and the FDK
+    runs.  A failure is left to the main thread's own import, which then reports it."""
+    def run():
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - re-raised by the main thread's import
+            pass
+    thread = threading.Thread(target=run, name=f"import {name}", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextmanager

@@ -41,7 +41,7 @@ class TrainConfig:
     densify_from: int = 500
     densify_until: int | None = None       # None: from the schedule (scaled if iterations is overridden)
     densify_every: int = 200
-    grad_threshold: float = 5e-5
+    grad_threshold: float = 3e-5
     min_rho: float = 1e-6
     clone_voxels_start: float = 2.5        # p decays linearly from this to the end value (voxels)
     clone_voxels_end: float = 0.5

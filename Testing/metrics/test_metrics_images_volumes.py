@@ -126,6 +126,24 @@ def test_best_dice_finds_the_threshold():
     assert d3 >= max(dice(noisy, truth, t) for t in np.linspace(0.2, 0.6, 81))
 
 
+def test_best_dice_equals_an_exhaustive_search_with_ties_and_a_floor_of_zeros():
+    """Mostly-zero volumes with tied values (as voxelised reconstructions are): the best Dice equals the best of
+    every threshold (each distinct value, and one below the minimum: everything kept), and its threshold
+    reproduces it."""
+    rng = np.random.default_rng(3)
+    for trial in range(150):
+        n = int(rng.integers(1, 50))
+        v = rng.choice([0.0, 0.0, 0.0, 0.1, 0.2, 0.5, float(rng.random())], size=n)
+        if trial % 3 == 0:
+            v = rng.random(n) - 0.5 * (trial % 2)  # distinct values, some negative
+        t = rng.random(n) < rng.choice([0.05, 0.3, 0.9])
+        thresholds = np.concatenate([np.unique(v), [v.min() - 1.0]])
+        exhaustive = max(dice(v, t, float(th)) for th in thresholds)
+        d, th = best_dice(v, t)
+        assert d == pytest.approx(exhaustive, abs=1e-12), (v, t)
+        assert dice(v, t, th) == pytest.approx(d, abs=1e-12)
+
+
 def test_correlation():
     rng = np.random.default_rng(8)
     a = rng.standard_normal((10, 12, 14))

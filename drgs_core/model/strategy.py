@@ -47,7 +47,7 @@ class DensityConfig:
     start: int = 500
     stop: int = 5000
     every: int = 200
-    grad_threshold: float = 5e-5
+    grad_threshold: float = 3e-5
     clone_voxels_start: float = 2.5     # p of METHOD §6, decaying linearly to clone_voxels_end over the window
     clone_voxels_end: float = 0.5
     grow_sigmas: float = 2.0            # residual gate in noise standard deviations (0 disables the gate)
