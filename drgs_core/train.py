@@ -60,11 +60,15 @@ class TrainConfig:
     lr_static_rho: tuple[float, float] = (1e-3, 1e-4)
     # Static signed background B (model.background, METHOD §6.3): off by default (an ablation until measured).
     static_background: bool = False
-    # L1 weight on B in the loss's image units (StaticBackground.penalty): a residue the Gaussians could explain
-    # costs B about this fraction of what it gains in the data term (for a blob, ~0.8 x weight), so with 0.5
-    # B only takes what the positive, time-varying Gaussians cannot (signed or static residues).
+    # L1 weight on B (StaticBackground.penalty: mean |B| in B's unit, i.e. in the loss's image units): explaining
+    # a blob-shaped residue costs B about 0.8 x this weight of what it gains in the L1 data term, so B takes
+    # residues only where that gain is clear; the Gaussians pay nothing, and keep what both could explain.
     background_l1: float = 0.5
-    lr_background: tuple[float, float] = (1e-3, 1e-4)   # times the Gaussians' attenuation unit (rho_scale)
+    # Adam moves each of B's voxels by about the learning rate per step, in B's unit (the attenuation whose chord
+    # through the box gives the image's full scale).  B starts at zero while the Gaussians start from the FDK, so
+    # it needs about 10x the field's rate (1e-3 -> 1e-4) to build a residue of the image's scale within the
+    # first few hundred iterations, while the Gaussians are still settling.
+    lr_background: tuple[float, float] = (1e-2, 1e-3)
     seed: int = 0
     progress_every: int = 50
     checkpoint_every: int = 1000
@@ -128,12 +132,8 @@ def make_optimizer(model: GaussianModel, cfg: TrainConfig, capturable: bool = Fa
     if model.field is not None:
         groups.append({"params": list(model.field.parameters()), "name": "field",
                        "weight_decay": cfg.field_weight_decay})
-    if background is not None:
-        # Adam moves a parameter by about its learning rate per step whatever the gradient's size.  The
-        # Gaussians' attenuation is the field's output in units of rho_scale (1/mm) with lr_field, so B (in 1/mm)
-        # gets lr_background x rho_scale: both change by the same attenuation per iteration, and neither can
-        # outrun the other in explaining a residue.
-        groups.append({"params": [background.values], "name": "background", "unit": float(model.rho_scale)})
+    if background is not None:  # learning rates in B's unit (1/mm): see TrainConfig.lr_background
+        groups.append({"params": [background.values], "name": "background", "unit": background.unit})
     # The fused CUDA step is ~2x faster over the hash tables' millions of parameters; `capturable` keeps its
     # step counts and learning rates on the device so that a CUDA graph can replay it.
     cuda = model.means.is_cuda
@@ -240,7 +240,9 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 2**24]]
     inv_scale = 1.0 / max(float(torch.quantile(flat.float(), 0.999)), 1e-12)
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
-    background = StaticBackground(model.grid, cameras[0]).to(device) if cfg.static_background else None
+    background = None
+    if cfg.static_background:
+        background = StaticBackground(model.grid, cameras[0], image_scale=inv_scale).to(device)
     runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph,
                         background=background, background_l1=cfg.background_l1)
     opt = make_optimizer(model, cfg, capturable=runner.use_graph, background=background)

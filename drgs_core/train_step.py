@@ -119,7 +119,7 @@ class StepRunner:
         w = self.ssim_weight
         loss = (1 - w) * (img - self.gt).abs().mean() + w * (1 - ssim(img, self.gt))
         if self.background is not None and self.background_l1 > 0:
-            loss = loss + self.background_l1 * self.background.penalty(self.image_scale)
+            loss = loss + self.background_l1 * self.background.penalty()
         loss.backward()
         keep = None
         self._pair_list = out.n_pairs is not None

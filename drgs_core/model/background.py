@@ -41,12 +41,15 @@ class StaticBackground(nn.Module):
 
     grid: the reconstruction grid (B covers its box, `coarse_grid`); camera: any training `Camera` (its detector
     size and pixel size at the isocentre set the ray grid; the rays themselves come from the packed camera given
-    to `render`).
+    to `render`).  image_scale: the trainer's image scale (1 / the DSA's robust maximum); B's natural `unit`
+    (1/mm) is the attenuation whose chord through the box, times image_scale, is 1.
     """
 
-    def __init__(self, grid: VolumeGrid, camera, factor: int = 4, max_voxels: int = 64, max_rays: int = 128):
+    def __init__(self, grid: VolumeGrid, camera, image_scale: float = 1.0, factor: int = 4, max_voxels: int = 64,
+                 max_rays: int = 128):
         super().__init__()
         self.grid = coarse_grid(grid, factor, max_voxels)
+        self.unit = 1.0 / (float(image_scale) * float(max(self.grid.physical_size)))
         self.width, self.height = int(camera.width), int(camera.height)
         self.values = nn.Parameter(torch.zeros(self.grid.resolution))
         # Ray grid: about two rays per coarse voxel at the isocentre (Nyquist for the trilinear volume).
@@ -110,12 +113,10 @@ class StaticBackground(nn.Module):
         return F.interpolate(coarse[None, None], size=(self.height, self.width), mode="bilinear",
                              align_corners=True)[0, 0]
 
-    def penalty(self, image_scale: float) -> torch.Tensor:
-        """The L1 sparsity term in the loss's image units: the mean |B| (1/mm) times the box's largest side (mm),
-        times the loss's image scale; i.e. about the mean absolute line integral B would add were it spread
-        evenly.  Only B receives its gradient."""
-        extent = float(max(self.grid.physical_size))
-        return self.values.abs().mean() * (extent * image_scale)
+    def penalty(self) -> torch.Tensor:
+        """The L1 sparsity term in the loss's image units: mean |B| / unit, about the mean absolute line integral
+        B would add (x image_scale) were it spread evenly over the box.  Only B receives its gradient."""
+        return self.values.abs().mean() / self.unit
 
     @torch.no_grad()
     def summary(self) -> dict:
