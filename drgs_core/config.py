@@ -63,7 +63,7 @@ class ReconstructConfig:
     n_levels: int | None = _f(None, min=1, max=24)
     max_gaussians: int | None = _f(None, min=1)
     static_field: bool = _f(False)
-    # a signed static background attenuation added to every rendering, for subtraction residues (METHOD §6.3)
+    # a signed static background attenuation added to every rendering, for subtraction residues (METHOD §10.8)
     static_background: bool = _f(False)
     # attenuation in 1/mm: vessels with contrast are ~0.01..1 /mm, so anything above 100 cannot be meant
     iso_level: float | None = _f(None, min=1e-12, max=100.0, model=False)

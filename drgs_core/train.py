@@ -58,7 +58,7 @@ class TrainConfig:
     lr_field: tuple[float, float] = (1e-3, 1e-4)
     field_weight_decay: float = 5e-5
     lr_static_rho: tuple[float, float] = (1e-3, 1e-4)
-    # Static signed background B (model.background, METHOD §6.3): off by default (an ablation until measured).
+    # Static signed background B (model/background.py, METHOD §10.8): off by default (an ablation until measured).
     static_background: bool = False
     # L1 weight on B (StaticBackground.penalty: mean |B| in B's unit, i.e. in the loss's image units): explaining
     # a blob-shaped residue costs B about 0.8 x this weight of what it gains in the L1 data term, so B takes

@@ -1,4 +1,4 @@
-"""A static, signed background attenuation B and its cone-beam projection (docs/METHOD.md §6.3).
+"""A static, signed background attenuation B and its cone-beam projection (docs/METHOD.md §10.8).
 
 Subtraction leaves time-constant residues in DSA: a mask run misregistered by a rigid motion leaves
 bone(x) - bone(Rx + t), a signed 3D structure, and scatter leaves a smooth haze.  The Gaussians are positive and
