@@ -69,6 +69,7 @@ class TrainConfig:
     # it needs about 10x the field's rate (1e-3 -> 1e-4) to build a residue of the image's scale within the
     # first few hundred iterations, while the Gaussians are still settling.
     lr_background: tuple[float, float] = (1e-2, 1e-3)
+    background_factor: int = 4   # B's voxels are this many times the grid's spacing (at most 64 per axis)
     seed: int = 0
     progress_every: int = 50
     checkpoint_every: int = 1000
@@ -242,7 +243,8 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
     background = None
     if cfg.static_background:
-        background = StaticBackground(model.grid, cameras[0], image_scale=inv_scale).to(device)
+        background = StaticBackground(model.grid, cameras[0], image_scale=inv_scale,
+                                      factor=cfg.background_factor).to(device)
     runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph,
                         background=background, background_l1=cfg.background_l1)
     opt = make_optimizer(model, cfg, capturable=runner.use_graph, background=background)

@@ -198,3 +198,17 @@ def test_resume_with_the_background_continues_it_and_writes_it(tiny_case, tmp_pa
     assert m["background"]["min"] == pytest.approx(float(b.min()), rel=1e-6)
     assert m["background"]["max"] == pytest.approx(float(b.max()), rel=1e-6)
     assert full["metrics"]["background"]["resolution"] == list(vol.shape)
+
+
+def test_the_quality_bench_turns_the_background_on_with_1(monkeypatch):
+    """bench/quality.py's ablation overrides: static_background=1 (or true) switches B on, 0 off; a 1 for a number
+    field stays a number."""
+    import importlib
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "bench"))
+    quality = importlib.import_module("quality")
+    for text, on in (("static_background=1", True), ("static_background=true", True), ("static_background=0", False)):
+        rc, dc = quality.parse_overrides(text)
+        assert rc == {"static_background": on} and rc["static_background"] is on and dc == {}
+    assert quality.parse_overrides("views=1")[0]["views"] == 1
