@@ -41,7 +41,7 @@ def test_graph_replay_with_the_background_matches_eager_steps(use_backend):
     # stale camera would differ by about as much as B moved.
     moved = float(b_e.norm())
     assert moved > 0
-    assert float((b_g - b_e).norm()) <= 0.05 * moved
+    assert float((b_g - b_e).norm()) <= 0.1 * moved
     for a, b in zip(p_g, p_e):
         assert torch.isfinite(a).all() and a.shape == b.shape
 

@@ -116,7 +116,7 @@ def test_gradients_reach_the_background_and_the_penalty_only_the_background():
 
 # ---- training: a static signed residue goes into B, and resume keeps B ---------------------------------------
 
-def _train(case, dsa, static_background: bool, iterations: int = 300):
+def _train(case, dsa, static_background: bool, iterations: int = 200):
     """Train the tiny preset's model on every frame of `case` with measured DSA `dsa` [n, H, W]; returns the
     time-mean vessel volume [nx, ny, nz] and the trained background (or None)."""
     from drgs_core.ct.fdk import fdk
@@ -138,15 +138,16 @@ def _train(case, dsa, static_background: bool, iterations: int = 300):
 
 def test_a_static_signed_residue_goes_into_the_background_not_the_vessels():
     """Exact analytic tubes (the phantom's own projector) plus, in every frame, the exact projection of a static
-    signed blob pair (forward_project of an analytic volume): with B on, B's projection follows the residue and
-    the vessel volume is closer to the truth (best Dice) with less of it where the blobs are."""
+    signed blob pair (forward_project of an analytic volume): with B on, B takes the blob pair and the vessel
+    volume is closer to the truth (best Dice), with less of it where the blobs are."""
     from drgs_core.metrics import best_dice
     from drgs_core.phantom import make_phantom, preset
 
     ph = make_phantom(preset("demo", n_frames=20, detector_shape=(48, 48), volume_resolution=(32, 32, 32),
                              volume_spacing=(4.0, 4.0, 4.0), noise=False, mesh_supersample=2))
     case = ph.case
-    blob = _blob_pair(case.grid, centre=(0.0, 0.0, 0.0), sep=(40.0, 20.0, -30.0), sigma=8.0, amp=0.006)
+    pair = dict(centre=(0.0, 0.0, 0.0), sep=(40.0, 20.0, -30.0), sigma=8.0, amp=0.006)
+    blob = _blob_pair(case.grid, **pair)
     residue = forward_project(blob, case.grid, case.geometry)
     dsa = torch.as_tensor(case.dsa) + residue
     assert float(residue.abs().max()) > 0.02 * float(dsa.max())
@@ -159,8 +160,11 @@ def test_a_static_signed_residue_goes_into_the_background_not_the_vessels():
             with torch.no_grad():
                 proj = torch.stack([bg.render(case.geometry.camera(k).pack().params) for k in range(case.n_frames)])
             corr = np.corrcoef(proj.flatten().numpy(), residue.flatten().numpy())[0, 1]
-    print("best Dice, share of the volume on the blobs (off, on):", scores[False], scores[True], "corr", corr)
-    assert corr > 0.5
+            corr3d = np.corrcoef(bg.values.detach().flatten().numpy(), _blob_pair(bg.grid, **pair).flatten().numpy())[0, 1]
+    print("best Dice, share of the volume on the blobs (off, on):", scores[False], scores[True], "corr", corr, corr3d)
+    # B's projection follows the residue, and B itself is the blob pair (a B rendered from a wrong camera, e.g.
+    # a stale one, scores about 0.5 and 0.3 here; the correct one about 0.7 and 0.8)
+    assert corr > 0.6 and corr3d > 0.6
     assert scores[True][0] > scores[False][0] + 0.05
     assert scores[True][1] < 0.5 * scores[False][1]
 
