@@ -76,7 +76,7 @@ class StaticBackground(nn.Module):
         # A fixed number of midpoint samples per ray, at most half a coarse voxel apart on the longest chord.
         step = 0.5 * self.grid.min_spacing
         self.n_samples = int(math.ceil(float(np.linalg.norm(self.grid.physical_size)) / step))
-        self.register_buffer("_s", torch.arange(self.n_samples, dtype=torch.float64) + 0.5, persistent=False)
+        self.register_buffer("_s", torch.arange(self.n_samples, dtype=torch.float32) + 0.5, persistent=False)
 
     @property
     def ray_grid(self) -> tuple[int, int]:
@@ -98,12 +98,15 @@ class StaticBackground(nn.Module):
         t0 = torch.minimum(ta, tb).amax(-1).clamp_min(0.0)
         t1 = torch.maximum(ta, tb).amin(-1)
         h = (t1 - t0).clamp_min(0.0) / self.n_samples   # [h, w] mm per sample (0 for rays missing the box)
-        t = t0[..., None] + h[..., None] * self._s      # [h, w, K]
-        pts = src + t[..., None] * d[..., None, :]      # [h, w, K, 3]
-        g = (pts.flip(-1) * self._scale + self._offset).to(self.values.dtype)
+        # Per ray in float64, per sample in B's dtype: sample k sits at entry + (k + 1/2) step, in grid_sample
+        # coordinates (z, y, x); the [h, w, K, 3] tensor is the step's only large one.
+        dtype = self.values.dtype
+        entry = ((src + t0[..., None] * d).flip(-1) * self._scale + self._offset).to(dtype)    # [h, w, 3]
+        step = (d.flip(-1) * (self._scale * h[..., None])).to(dtype)                           # [h, w, 3]
+        g = torch.addcmul(entry[..., None, :], self._s[:, None], step[..., None, :])          # [h, w, K, 3]
         vals = F.grid_sample(self.values[None, None], g[None], mode="bilinear", padding_mode="border",
                              align_corners=True)[0, 0]  # [h, w, K]
-        return vals.sum(-1) * h.to(vals.dtype)
+        return vals.sum(-1) * h.to(dtype)
 
     def render(self, params: torch.Tensor) -> torch.Tensor:
         """Line integrals of B on the full detector [H, W] (bilinear upsampling of `render_rays`)."""
