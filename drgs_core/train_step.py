@@ -54,8 +54,9 @@ class StepRunner:
         self.gt = torch.zeros(H, W, dtype=dsa.dtype, device=dev)
         self.t = torch.zeros((), dtype=torch.float32, device=dev)
         self.ssim_weight = float(ssim_weight)
-        # Optional static signed background (model.background): rendered image = Gaussians + B, plus an L1 penalty
-        # on B.  None: the iteration is exactly the Gaussians-only one.
+        # Optional static signed background (drgs_core/model/background.py): rendered image = Gaussians + B, plus
+        # an L1 penalty on B; B's rays come from the packed camera buffer, so it replays with the graph.  None: the
+        # iteration is exactly the Gaussians-only one.
         self.background = background
         self.background_l1 = float(background_l1)
         self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) != "torch")
