@@ -90,6 +90,7 @@ def parse_overrides(text: str) -> tuple[dict, dict]:
 
     rc_names = {f.name for f in dc_fields(ReconstructConfig)}
     dc_names = {f.name for f in dc_fields(DensityConfig)}
+    switches = {f.name for f in dc_fields(ReconstructConfig) if f.type in (bool, "bool")}
     rc, dc = {}, {}
     for item in filter(None, text.split(",")):
         key, _, raw = item.partition("=")
@@ -97,6 +98,8 @@ def parse_overrides(text: str) -> tuple[dict, dict]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        if key in switches and value in (0, 1):  # static_background=1 reads as true (1 and 0 only)
+            value = bool(value)
         if key in rc_names:
             rc[key] = value
         elif key in dc_names:

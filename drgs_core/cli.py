@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-levels", type=int, help="hash-grid levels (default 12)")
     s.add_argument("--log2-table-size", type=int, help="hash table size per level, log2 (default 19)")
     s.add_argument("--static-field", action="store_true", help="ablation: static per-Gaussian attenuation")
+    s.add_argument("--static-background", action="store_true",
+                   help="add a signed static background volume for subtraction residues (misregistered bone, "
+                        "scatter); written to background.nii.gz")
     s.add_argument("--ignore-secondary-angle", action="store_true",
                    help="treat each frame's SecondaryAngle as 0, as the reference implementation does")
     s.add_argument("--iso-level", type=float, help="marching-cubes level (default: robust automatic)")

@@ -63,6 +63,8 @@ class ReconstructConfig:
     n_levels: int | None = _f(None, min=1, max=24)
     max_gaussians: int | None = _f(None, min=1)
     static_field: bool = _f(False)
+    # a signed static background attenuation added to every rendering, for subtraction residues (METHOD §10.8)
+    static_background: bool = _f(False)
     # attenuation in 1/mm: vessels with contrast are ~0.01..1 /mm, so anything above 100 cannot be meant
     iso_level: float | None = _f(None, min=1e-12, max=100.0, model=False)
     times_4d: int = _f(8, min=1, model=False)
@@ -143,7 +145,7 @@ class ReconstructConfig:
                            seed=self.seed, checkpoint_every=self.checkpoint_every,
                            snapshot_every=self.snapshot_every, progress_every=self.progress_every,
                            max_gaussians=self.max_gaussians, min_densify_every=int(self.views),
-                           cuda_graph=self.cuda_graph)
+                           cuda_graph=self.cuda_graph, static_background=self.static_background)
 
 
 # ---- the validator ---------------------------------------------------------------------------------------------

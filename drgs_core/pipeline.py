@@ -165,12 +165,14 @@ class RunContext:
 
 
 @torch.no_grad()
-def render_frames(model: GaussianModel, geometry, frames, times, device) -> np.ndarray:
-    """DSA [n, H, W] rendered with the camera of each frame index at the matching time."""
+def render_frames(model: GaussianModel, geometry, frames, times, device, background=None) -> np.ndarray:
+    """DSA [n, H, W] rendered with the camera of each frame index at the matching time (plus the static
+    background's projection when one is given)."""
     out = []
     for k, t in zip(frames, times):
         cam = geometry.camera(int(k), device=device)
-        out.append(rasterize(model.means, model.scales, model.rotations, model.rho(float(t)), cam).image)
+        img = rasterize(model.means, model.scales, model.rotations, model.rho(float(t)), cam).image
+        out.append(img if background is None else img + background.render(cam.pack(device).params))
     return torch.stack(out).cpu().numpy()
 
 
@@ -307,7 +309,8 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
                                                             cfg.speck_gap_mm)
             verts, faces = mesh_from_volume(vol_clean, case.grid, level)
         with ctx.stage("write"):
-            renders = _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, stage_dir, device, writes)
+            renders = _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, stage_dir, device, writes,
+                                     result["background"])
         with ctx.stage("image_metrics", announce=False):
             q_train = psnr_ssim_2d(renders[train_idx], case.dsa[train_idx], device=device)
             q_held = (psnr_ssim_2d(renders[held_idx], case.dsa[held_idx], device=device) if len(held_idx)
@@ -329,7 +332,10 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
         "densify": result["densify"], "density": result["density"], "loss_history": result["history"],
         "cuda_graph": result["cuda_graph"], "graph_captures": result["graph_captures"],
         "skipped_iterations": result["skipped_iterations"],
+        "static_background": cfg.static_background,
     }
+    if result["background"] is not None:
+        metrics["background"] = result["background"].summary()  # B's range (1/mm) and grid
     if device.type == "cuda":
         metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     truth = _truth_dir(cfg)
@@ -343,6 +349,8 @@ def _stages(cfg: ReconstructConfig, ctx: RunContext, folder: RunFolder, note: st
     names = sorted(p.name for p in stage_dir.iterdir())
     folder.commit(names)
     outputs = {key: str(out / name) for key, name in OUTPUT_FILES.items()}
+    if result["background"] is not None:
+        outputs["background"] = str(out / BACKGROUND_FILE)
     outputs["checkpoint"] = str(out / "checkpoint.pt")
     ctx.emit({"event": "done", "outputs": outputs, "metrics": _summary(metrics)})
     return {"status": "done", "outputs": outputs, "metrics": metrics}
@@ -353,6 +361,8 @@ OUTPUT_FILES = {"volume": "volume.nii.gz", "mesh_stl": "mesh.stl", "mesh_vtk": "
                 "segmentation": "segmentation.nii.gz", "volume_4d": "volume_4d.seq.nrrd",
                 "renders": "renders.nii.gz", "cine": "cine.nii.gz", "gaussians": "gaussians.ply",
                 "model": "model.pt", "config": "config.json", "metrics": "metrics.json"}
+#: the static background B (only with static_background): its own coarse grid over the same box
+BACKGROUND_FILE = "background.nii.gz"
 
 
 def _memory_bytes() -> int | None:
@@ -466,9 +476,10 @@ def _iso_level(cfg: ReconstructConfig, vol: np.ndarray) -> float:
 
 
 def _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, folder: Path, device,
-                   writes: BackgroundWrites) -> np.ndarray:
+                   writes: BackgroundWrites, background=None) -> np.ndarray:
     """Start writing every result file but the volume into `folder` on `writes`; returns the renders of all
-    frames [n, H, W] (for the image metrics).
+    frames [n, H, W] (for the image metrics).  With a static background B: background.nii.gz, and the frame
+    renders include B's projection (they model the measured DSA); volumes, mesh and cine are the Gaussians'.
 
     Time-resolved volumes at evenly spaced frame times (4D DSA, laid out time-fastest on the device so that the
     NRRD is written without a transposing copy); renders of every frame at its time; a fixed-view cine over all
@@ -480,6 +491,9 @@ def _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, folder: Path, 
     writes.submit(write_mesh, f["mesh_vtk"], verts, faces)
     writes.submit(write_gaussians_ply, f["gaussians"], model, mean_rho)
     writes.submit(save_model, f["model"], model)
+    if background is not None:
+        writes.submit(write_volume, folder / BACKGROUND_FILE, background.values.detach().cpu().numpy(),
+                      background.grid)
     with torch.no_grad():
         t4 = all_times[np.unique(np.linspace(0, n - 1, min(cfg.times_4d, n)).round().astype(int))]
         vols4 = torch.empty((*reversed(grid.resolution), len(t4)), device=device)  # [nz, ny, nx, T]
@@ -488,7 +502,7 @@ def _write_outputs(cfg, case, model, mean_rho, seg, verts, faces, folder: Path, 
         vols4 = vols4.cpu().numpy().transpose(3, 2, 1, 0)  # [T, nx, ny, nz], Fortran-contiguous
         writes.submit(write_sequence_nrrd, f["volume_4d"], vols4, grid, t4)
         spacing = geometry.detector_spacing
-        renders = render_frames(model, geometry, range(n), all_times, device)
+        renders = render_frames(model, geometry, range(n), all_times, device, background)
         writes.submit(write_stack, f["renders"], renders, spacing)
         writes.submit(write_stack, f["cine"], render_frames(model, geometry, [cfg.cine_frame] * n, all_times,
                                                             device), spacing)

@@ -23,6 +23,7 @@ from . import fingerprint as fingerprints
 from .errors import DRGSInputError
 from .io.atomic import atomic_path
 from .model.density import measure_noise
+from .model.background import StaticBackground
 from .model.gaussians import GaussianModel
 from .model.strategy import DensityConfig, DensityStrategy
 from .train_step import StepRunner
@@ -57,6 +58,18 @@ class TrainConfig:
     lr_field: tuple[float, float] = (1e-3, 1e-4)
     field_weight_decay: float = 5e-5
     lr_static_rho: tuple[float, float] = (1e-3, 1e-4)
+    # Static signed background B (model/background.py, METHOD §10.8): off by default (an ablation until measured).
+    static_background: bool = False
+    # L1 weight on B (StaticBackground.penalty: mean |B| in B's unit, i.e. in the loss's image units): explaining
+    # a blob-shaped residue costs B about 0.8 x this weight of what it gains in the L1 data term, so B takes
+    # residues only where that gain is clear; the Gaussians pay nothing, and keep what both could explain.
+    background_l1: float = 0.5
+    # Adam moves each of B's voxels by about the learning rate per step, in B's unit (the attenuation whose chord
+    # through the box gives the image's full scale).  B starts at zero while the Gaussians start from the FDK, so
+    # it needs about 10x the field's rate (1e-3 -> 1e-4) to build a residue of the image's scale within the
+    # first few hundred iterations, while the Gaussians are still settling.
+    lr_background: tuple[float, float] = (1e-2, 1e-3)
+    background_factor: int = 4   # B's voxels are this many times the grid's spacing (at most 64 per axis)
     seed: int = 0
     progress_every: int = 50
     checkpoint_every: int = 1000
@@ -86,6 +99,7 @@ class TrainConfig:
         self.lr_rotation = tuple(self.lr_rotation)
         self.lr_field = tuple(self.lr_field)
         self.lr_static_rho = tuple(self.lr_static_rho)
+        self.lr_background = tuple(self.lr_background)
 
     def density_config(self) -> DensityConfig:
         return DensityConfig(start=self.densify_from, stop=self.densify_until, every=self.densify_every,
@@ -108,7 +122,8 @@ def exp_lr(init_final: tuple[float, float], step: int, total: int) -> float:
     return math.exp((1 - f) * math.log(a) + f * math.log(b))
 
 
-def make_optimizer(model: GaussianModel, cfg: TrainConfig, capturable: bool = False) -> torch.optim.Adam:
+def make_optimizer(model: GaussianModel, cfg: TrainConfig, capturable: bool = False,
+                   background: StaticBackground | None = None) -> torch.optim.Adam:
     groups = [
         {"params": [model.means], "name": "means"},
         {"params": [model.scales_raw], "name": "scales_raw"},
@@ -118,6 +133,8 @@ def make_optimizer(model: GaussianModel, cfg: TrainConfig, capturable: bool = Fa
     if model.field is not None:
         groups.append({"params": list(model.field.parameters()), "name": "field",
                        "weight_decay": cfg.field_weight_decay})
+    if background is not None:  # learning rates in B's unit (1/mm): see TrainConfig.lr_background
+        groups.append({"params": [background.values], "name": "background", "unit": background.unit})
     # The fused CUDA step is ~2x faster over the hash tables' millions of parameters; `capturable` keeps its
     # step counts and learning rates on the device so that a CUDA graph can replay it.
     cuda = model.means.is_cuda
@@ -135,9 +152,10 @@ def set_learning_rates(opt, model: GaussianModel, cfg: TrainConfig, step: int) -
         "rotations": exp_lr(cfg.lr_rotation, step, n),
         "rho_raw": exp_lr(cfg.lr_static_rho, step, n) if model.static else 0.0,
         "field": exp_lr(cfg.lr_field, step, n),
+        "background": exp_lr(cfg.lr_background, step, n),
     }
     for g in opt.param_groups:
-        rate = rates[g["name"]]
+        rate = rates[g["name"]] * g.get("unit", 1.0)
         if not g.get("capturable"):
             g["lr"] = rate
         elif torch.is_tensor(g["lr"]) and g["lr"].device == model.means.device:
@@ -160,7 +178,8 @@ class TrainState:
 
 
 def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStrategy, state: TrainState,
-                    cfg: TrainConfig, n_train: int, fingerprint: dict | None = None) -> None:
+                    cfg: TrainConfig, n_train: int, fingerprint: dict | None = None,
+                    background: StaticBackground | None = None) -> None:
     payload = {
         "fingerprint": fingerprint,  # drgs_core.fingerprint: which case and settings this belongs to
         "n_train": n_train,
@@ -170,19 +189,23 @@ def save_checkpoint(path: Path, model: GaussianModel, opt, stats: DensityStrateg
         "stats": stats.state_dict(),
         "state": asdict(state),
         "train_config": asdict(cfg),
+        "background": None if background is None else background.state_dict(),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, model: GaussianModel, cfg: TrainConfig, device,
-                    capturable: bool = False, fingerprint: dict | None = None) -> tuple:
+                    capturable: bool = False, fingerprint: dict | None = None,
+                    background: StaticBackground | None = None) -> tuple:
     payload = fingerprints.load_payload(path, device)
     # the fingerprint holds the case and every model setting (views, schedule, iterations, seed, ...)
     fingerprints.check(payload.get("fingerprint"), fingerprint, path)
     model.resize_like(payload["model"])
     model.load_state_dict(payload["model"])
-    opt = make_optimizer(model, cfg, capturable)
+    if background is not None:  # the fingerprint holds static_background: a checkpoint with it on has B
+        background.load_state_dict(payload["background"])
+    opt = make_optimizer(model, cfg, capturable, background)
     modes = [(g["fused"], g["capturable"]) for g in opt.param_groups]
     opt.load_state_dict(payload["optimizer"])
     for g, (fused, capt) in zip(opt.param_groups, modes):  # this run's mode, not the one that saved it
@@ -205,6 +228,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     (sets the density budget).  Returns {"status": "done"|"cancelled", "iteration", "it_per_s", "history",
     "densify" (the density strategy's per-round log), "density" (its settings, noise level and budget)}.
     fingerprint: stored in checkpoints and checked on resume (drgs_core.fingerprint).
+    With cfg.static_background the result also holds "background": the trained `StaticBackground`.
     """
     emit = on_event or (lambda e: None)
     stop = should_stop or (lambda: False)
@@ -217,8 +241,13 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
         flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 2**24]]
     inv_scale = 1.0 / max(float(torch.quantile(flat.float(), 0.999)), 1e-12)
     sigma_t = cfg.temporal_sigma if cfg.temporal_sigma is not None else 1.0 / n_views
-    runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph)
-    opt = make_optimizer(model, cfg, capturable=runner.use_graph)
+    background = None
+    if cfg.static_background:
+        background = StaticBackground(model.grid, cameras[0], image_scale=inv_scale,
+                                      factor=cfg.background_factor).to(device)
+    runner = StepRunner(model, dsa, cameras, inv_scale, cfg.ssim_weight, use_graph=cfg.cuda_graph,
+                        background=background, background_l1=cfg.background_l1)
+    opt = make_optimizer(model, cfg, capturable=runner.use_graph, background=background)
     strategy = DensityStrategy(cfg.density_config(), model, noise_sigma=measure_noise(runner.gt_stack),
                                vessel_voxels=vessel_voxels)
     state = TrainState()
@@ -226,7 +255,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     torch.manual_seed(cfg.seed)
     if resume and checkpoint_path is not None and Path(checkpoint_path).exists():
         opt, stats, state = load_checkpoint(checkpoint_path, model, cfg, device, runner.use_graph,
-                                            fingerprint)
+                                            fingerprint, background)
         strategy.load_state_dict(stats)
         rng.bit_generator.state = state.rng
         torch.set_rng_state(state.torch_rng.cpu())
@@ -242,7 +271,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
             state.rng = rng.bit_generator.state
             state.torch_rng = torch.get_rng_state()
             state.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            save_checkpoint(checkpoint_path, model, opt, strategy, state, cfg, n_train, fingerprint)
+            save_checkpoint(checkpoint_path, model, opt, strategy, state, cfg, n_train, fingerprint, background)
 
     while state.iteration < cfg.iterations:
         if stop():
@@ -287,7 +316,7 @@ def train(model: GaussianModel, dsa: torch.Tensor, cameras: list, times: np.ndar
     return {"status": "done", "iteration": state.iteration, "history": state.history,
             "it_per_s": _rate(state), "densify": strategy.log, "density": strategy.summary(),
             "cuda_graph": runner.use_graph,
-            "graph_captures": runner.captures, "skipped_iterations": runner.skipped}
+            "graph_captures": runner.captures, "skipped_iterations": runner.skipped, "background": background}
 
 
 def _rate(state: TrainState) -> float:

@@ -39,7 +39,7 @@ class StepRunner:
     loss compares image_scale x (rendering, measurement)."""
 
     def __init__(self, model, dsa: torch.Tensor, cameras: list, image_scale: float, ssim_weight: float,
-                 use_graph: bool):
+                 use_graph: bool, background=None, background_l1: float = 0.0):
         dev = model.means.device
         self.device = dev
         packed = [c.pack(dev) for c in cameras]
@@ -54,6 +54,11 @@ class StepRunner:
         self.gt = torch.zeros(H, W, dtype=dsa.dtype, device=dev)
         self.t = torch.zeros((), dtype=torch.float32, device=dev)
         self.ssim_weight = float(ssim_weight)
+        # Optional static signed background (drgs_core/model/background.py): rendered image = Gaussians + B, plus
+        # an L1 penalty on B; B's rays come from the packed camera buffer, so it replays with the graph.  None: the
+        # iteration is exactly the Gaussians-only one.
+        self.background = background
+        self.background_l1 = float(background_l1)
         self.use_graph = bool(use_graph and dev.type == "cuda" and active_backend(dev) != "torch")
         self.capacity: int | None = None  # pair-list capacity of the graph; None: no pair list (Triton) / eager
         self.capacity_margin = 2.0      # pair-list capacity >= margin x the largest pair count seen + slack
@@ -108,9 +113,14 @@ class StepRunner:
         means2d = torch.zeros(model.n, 2, device=self.device, requires_grad=True)
         out = rasterize(model.means, model.scales, model.rotations, rho, self.camera, means2d=means2d,
                         pair_capacity=capacity)
-        img = out.image * self.image_scale
+        img = out.image
+        if self.background is not None:
+            img = img + self.background.render(self.camera.params)
+        img = img * self.image_scale
         w = self.ssim_weight
         loss = (1 - w) * (img - self.gt).abs().mean() + w * (1 - ssim(img, self.gt))
+        if self.background is not None and self.background_l1 > 0:
+            loss = loss + self.background_l1 * self.background.penalty()
         loss.backward()
         keep = None
         self._pair_list = out.n_pairs is not None

@@ -14,7 +14,7 @@ progress   stage (load|fdk|init|train|voxelize|mesh|write), iteration?, iteratio
            elapsed_s?, eta_s?
 snapshot   iteration, volume? (uncompressed .nrrd, at most 128^3 voxels, LPS mm), mesh? (binary .vtk, LPS mm)
 done       outputs {volume, mesh_stl, mesh_vtk, segmentation, volume_4d, renders, cine, gaussians, config, metrics,
-           checkpoint}, metrics?
+           checkpoint, background? (only with static_background)}, metrics?
 cancelled  checkpoint? (path of the checkpoint a later run can resume from; null: this run saved none, e.g. it stopped
            before training), iteration?, stage? (where a stop before training happened)
 error      kind (input|resources|internal|crashed|protocol), message, traceback?
