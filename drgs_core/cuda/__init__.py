@@ -37,9 +37,9 @@ __all__ = ["BACKENDS", "active_backend", "backend_module", "backend_report", "fo
 BACKENDS = ("cuda-ext", "triton", "torch")
 _MODULES = {"cuda-ext": "._wrapper", "triton": "._triton"}
 #: Expected speed class (measured figures: bench/RESULTS.md, README "Performance").
-_SPEED_CLASS = {"cuda-ext": "fast: ~650 it/s, ~32 s end to end on a paper-size case (H200)",
-                "triton": "GPU without a CUDA toolkit: ~630 it/s, ~30 s on a paper-size case (H200; the first "
-                          "use compiles kernels, ~10 s)",
+_SPEED_CLASS = {"cuda-ext": "fast: ~540 it/s, ~30 s end to end on a paper-size case (H200)",
+                "triton": "GPU without a CUDA toolkit: ~97 % of cuda-ext, ~30 s on a paper-size case (H200; the "
+                          "first use compiles kernels, ~10 s)",
                 "torch": "slow: GPU rasteriser 55-80x slower than cuda-ext; CPU for demo sizes only"}
 
 
